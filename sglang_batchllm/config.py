@@ -1,0 +1,163 @@
+"""The one typed configuration of sglang_batchllm.
+
+Every setting is a field of the frozen `BatchLLMConfig`. Each field carries its command-line
+flag (`--batchllm-<name>`), its environment variable (`SGLANG_BATCHLLM_<NAME>`) and a one-line
+help text, so flags, environment and docs come from this single table.
+
+Why environment variables: SGLang runs its scheduler in *spawned* processes that re-import
+everything and receive only a pickled `ServerArgs` (whose fields we must not extend). The
+environment is inherited by every child, and by the DP controller's children too, so it is
+the one channel that reaches every process that loads the plugin. This module is the only
+place that reads or writes `SGLANG_BATCHLLM_*`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, MutableMapping
+
+ENV_PREFIX = "SGLANG_BATCHLLM_"
+FLAG_PREFIX = "--batchllm-"
+
+
+class ConfigError(ValueError):
+    """A BatchLLM setting has a value we cannot use; the message says which and what to do."""
+
+
+def _setting(help: str, *, lo: int | None = None, hi: int | None = None, cli: bool = True):
+    return {"help": help, "lo": lo, "hi": hi, "cli": cli}
+
+
+@dataclass(frozen=True)
+class BatchLLMConfig:
+    enable: bool = field(
+        default=False,
+        metadata=_setting(
+            "Turn BatchLLM on. The launcher and sglang_batchllm.Engine set it; plain `sglang` "
+            "runs leave it off, and the plugin then changes nothing.",
+            cli=False,
+        ),
+    )
+    levels: int = field(
+        default=1,
+        metadata=_setting(
+            "Levels of prefix sharing the planner keeps (1 = the paper's single level).",
+            lo=1,
+            hi=8,
+        ),
+    )
+    min_prefix_tokens: int = field(
+        default=32,
+        metadata=_setting(
+            "Shortest shared prefix, in tokens, worth a group; shorter ones run as plain requests.",
+            lo=1,
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool):
+                if not isinstance(value, bool):
+                    raise ConfigError(f"BatchLLM setting {f.name!r} must be true or false, got {value!r}")
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"BatchLLM setting {f.name!r} must be an integer, got {value!r}")
+            lo, hi = f.metadata["lo"], f.metadata["hi"]
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                bounds = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+                raise ConfigError(
+                    f"BatchLLM setting {f.name!r} = {value} is out of range {bounds}; "
+                    f"set {flag_name(f.name)} or {env_name(f.name)} to a value in range."
+                )
+
+    # ---- environment -------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "BatchLLMConfig":
+        """Read every `SGLANG_BATCHLLM_*` variable; an unknown one is an error, not ignored."""
+        environ = os.environ if environ is None else environ
+        known = {env_name(f.name): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in environ.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            f = known.get(key)
+            if f is None:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f" Did you mean {close[0]}?" if close else ""
+                raise ConfigError(
+                    f"Unknown BatchLLM environment variable {key}.{hint} "
+                    f"Known: {', '.join(sorted(known))}."
+                )
+            values[f.name] = _parse(f, raw, source=key)
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce this config in another process."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[env_name(f.name)] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+        return out
+
+    @contextlib.contextmanager
+    def exported(self, environ: MutableMapping[str, str] | None = None) -> Iterator[None]:
+        """Put this config in the environment for the duration (while children are spawned),
+        then restore what was there, so a later plain `sglang.Engine` in the same process
+        does not inherit BatchLLM."""
+        environ = os.environ if environ is None else environ
+        saved = {k: environ.get(k) for k in self.to_env()}
+        environ.update(self.to_env())
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    environ.pop(k, None)
+                else:
+                    environ[k] = v
+
+    def replace(self, **changes: Any) -> "BatchLLMConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def is_enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Only the master switch, read without validating the rest: a disabled plugin must not
+    fail (or do anything at all) because of some other BatchLLM variable."""
+    environ = os.environ if environ is None else environ
+    return environ.get(env_name("enable"), "").strip().lower() in _TRUE
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag_name(field_name: str) -> str:
+    return FLAG_PREFIX + field_name.replace("_", "-")
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """Fields exposed as `--batchllm-*` flags (everything but the master switch)."""
+    return [f for f in dataclasses.fields(BatchLLMConfig) if f.metadata["cli"]]
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _parse(f: dataclasses.Field, raw: str, *, source: str) -> Any:
+    text = raw.strip().lower()
+    if f.type in ("bool", bool):
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"{source}={raw!r}: expected one of 1/0/true/false/yes/no/on/off")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{source}={raw!r}: expected an integer") from None

@@ -1,0 +1,68 @@
+"""`python -m sglang_batchllm.launch_server [SGLang flags] [--batchllm-* flags]`
+
+Starts SGLang's HTTP server with BatchLLM on. Every SGLang flag works as with
+`python -m sglang.launch_server`; `--help` lists SGLang's flags and ours. With no
+`--model-path` it serves the bundled model (dummy weights, no download).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib.metadata import entry_points
+
+from sglang_batchllm import bundled_model
+from sglang_batchllm.compat import check_sglang_version
+from sglang_batchllm.config import env_name
+
+_MODEL_FLAGS = ("--model-path", "--model", "--config")
+_HELP_FLAGS = ("-h", "--help")
+
+
+def _given(argv: list[str], flags: tuple[str, ...]) -> bool:
+    return any(a in flags or a.split("=", 1)[0] in flags for a in argv)
+
+
+def with_default_model(argv: list[str]) -> list[str]:
+    """Append the bundled model unless the user named a model (or a config file that may)."""
+    if _given(argv, _MODEL_FLAGS + _HELP_FLAGS):
+        return argv
+    extra = ["--model-path", bundled_model.model_dir()]
+    if not _given(argv, ("--load-format",)):
+        extra += ["--load-format", "dummy"]
+    return argv + extra
+
+
+def _require_entry_point() -> None:
+    names = {ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    if "sglang_batchllm.plugin:register" not in names:
+        raise SystemExit(
+            "sglang_batchllm is importable but not installed as an SGLang plugin (its "
+            "`sglang.srt.plugins` entry point is missing), so SGLang's scheduler processes "
+            "would run without it. Install the package: `pip install -e .` in the repository."
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ[env_name("enable")] = "1"
+    check_sglang_version()
+    _require_entry_point()
+
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+    from sglang.launch_server import run_server
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    server_args = prepare_server_args(with_default_model(argv))
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

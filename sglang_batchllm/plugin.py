@@ -1,0 +1,50 @@
+"""SGLang plugin entry point (`sglang.srt.plugins` group, name `batchllm`).
+
+SGLang calls `register()` in every process that loads plugins: the launcher's main process,
+`Engine.__init__`, and the first line of every spawned scheduler process. So it must be
+
+- inert unless BatchLLM is enabled (`SGLANG_BATCHLLM_ENABLE=1`, set by our launcher and
+  Engine): installing the package never changes a plain `sglang` run;
+- idempotent: registering hooks twice in one process would wrap targets twice;
+- free of CUDA: in the scheduler it runs before the device is configured, so it only
+  registers hooks; nothing here allocates tensors or compiles kernels.
+
+SGLang's loader logs and swallows ordinary exceptions from `register()`. Errors that must stop
+the run (unsupported SGLang version, bad settings) are raised as `SystemExit`, which it does not
+catch, so a misconfigured BatchLLM never silently runs as plain SGLang.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_batchllm.compat import check_sglang_version
+from sglang_batchllm.config import BatchLLMConfig, ConfigError, is_enabled
+
+logger = logging.getLogger(__name__)
+
+_active_config: BatchLLMConfig | None = None
+
+
+def register() -> None:
+    global _active_config
+    if not is_enabled():
+        return
+    if _active_config is not None:
+        return
+    check_sglang_version()
+    try:
+        config = BatchLLMConfig.from_env()
+    except ConfigError as err:
+        raise SystemExit(f"sglang_batchllm: {err}") from None
+
+    from sglang_batchllm import patches
+
+    installed = patches.install_all(config)
+    _active_config = config
+    logger.info("sglang_batchllm enabled (%s); patches: %s", config, ", ".join(installed) or "none")
+
+
+def active_config() -> BatchLLMConfig | None:
+    """The config this process registered with, or None while the plugin is inert."""
+    return _active_config

@@ -1,0 +1,65 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sglang_batchllm.bundled_model import model_dir
+from sglang_batchllm.config import cli_fields, flag_name
+from sglang_batchllm.launch_server import with_default_model
+
+
+def test_help_lists_sglang_and_batchllm_flags_on_cpu():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run(
+        [sys.executable, "-m", "sglang_batchllm.launch_server", "--help"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for flag in ["--model-path", "--tp-size", "--schedule-policy", "--attention-backend"]:
+        assert flag in out.stdout
+    for f in cli_fields():
+        assert flag_name(f.name) in out.stdout
+    assert "BatchLLM (sglang_batchllm)" in out.stdout
+
+
+def test_bundled_model_is_the_default():
+    argv = with_default_model(["--port", "30001"])
+    assert argv == ["--port", "30001", "--model-path", model_dir(), "--load-format", "dummy"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--model-path", "/m"], ["--model=/m"], ["--config", "c.yaml"], ["--help"], ["-h"]],
+)
+def test_user_model_is_kept(argv):
+    assert with_default_model(list(argv)) == argv
+
+
+def test_user_load_format_is_kept():
+    argv = with_default_model(["--load-format", "auto"])
+    assert argv == ["--load-format", "auto", "--model-path", model_dir()]
+
+
+def test_flags_reach_the_environment_and_are_validated(monkeypatch):
+    # What the spawned schedulers will see: from_cli_args exports our flags as env vars.
+    code = """
+import os
+os.environ["SGLANG_BATCHLLM_ENABLE"] = "1"
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import prepare_server_args
+from sglang_batchllm.bundled_model import model_dir
+prepare_server_args(["--model-path", model_dir(), "--batchllm-levels", "3", "--device", "cpu"])
+print(os.environ["SGLANG_BATCHLLM_LEVELS"], os.environ["SGLANG_BATCHLLM_MIN_PREFIX_TOKENS"])
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
+    env["SGLANG_BATCHLLM_MIN_PREFIX_TOKENS"] = "48"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "3 48"
+
+    bad = code.replace('"3"', '"0"')
+    out = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode != 0 and "out of range" in (out.stdout + out.stderr)
