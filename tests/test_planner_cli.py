@@ -1,0 +1,185 @@
+"""`python -m sglang_batchllm.plan` and the batch-file reader: formats, bad lines, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sglang_batchllm.plan import main
+from sglang_batchllm.planner import PlannerConfig, build_plan
+from sglang_batchllm.planner.batch_file import BatchFileError, read_batch
+
+SHARED = list(range(1000, 1100))  # 100 tokens
+
+
+def native_lines(groups=3, members=4):
+    out = []
+    for g in range(groups):
+        for m in range(members):
+            ids = [5000 + g] + SHARED + [g, m, 7]
+            out.append(json.dumps({"id": f"g{g}m{m}", "input_ids": ids, "max_new_tokens": 10 * (g + 1)}))
+    return out
+
+
+def write(tmp_path, lines, name="batch.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+class FakeEncoder:
+    """Characters as token ids; a chat is its contents joined by '|'."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def encode_chat(self, messages):
+        return self.encode("|".join(m["content"] for m in messages) + "|assistant:")
+
+
+# ---- the reader ------------------------------------------------------------------------------
+
+
+def test_reads_native_and_openai_lines():
+    lines = [
+        json.dumps({"input_ids": [1, 2, 3]}),
+        "",
+        json.dumps({"id": 7, "text": "abc", "sampling_params": {"max_new_tokens": 5, "temperature": 0}}),
+        json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/completions",
+                    "body": {"model": "m", "prompt": [4, 5], "max_tokens": 9}}),
+        json.dumps({"custom_id": "c2", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 3}}),
+        json.dumps({"custom_id": "c3", "body": {"prompt": ["xy"]}}),
+    ]
+    reqs, errors = read_batch(lines, encoder=FakeEncoder(), default_max_new_tokens=11)
+    assert errors == []
+    got = [(r.rid, list(r.input_ids), r.max_new_tokens) for r in reqs]
+    assert got == [
+        ("line-1", [1, 2, 3], 11),
+        ("7", [97, 98, 99], 5),
+        ("c1", [4, 5], 9),
+        ("c2", FakeEncoder().encode("hi|assistant:"), 3),
+        ("c3", [120, 121], 11),
+    ]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"input_ids": [1], "max_tokens": 3}), "unknown field(s) 'max_tokens'"),
+        (json.dumps({"input_ids": [1], "text": "a"}), "exactly one of 'input_ids' and 'text'"),
+        (json.dumps({"id": "x"}), "exactly one of 'input_ids' and 'text'"),
+        (json.dumps({"input_ids": []}), "empty prompt"),
+        (json.dumps({"input_ids": [1, 2.5]}), "token 1 is 2.5"),
+        (json.dumps({"input_ids": [1, True]}), "contains true/false"),
+        (json.dumps({"input_ids": "1 2"}), "must be a list of token ids"),
+        (json.dumps({"input_ids": [1], "max_new_tokens": -2}), "max_new_tokens must be >= 0"),
+        (json.dumps({"input_ids": [1], "id": [1]}), "'id' must be a string or an integer"),
+        (json.dumps({"text": "abc"}), "needs a tokenizer; pass --tokenizer"),
+        (json.dumps({"custom_id": "c", "body": {"prompt": ["a", "b"]}}), "one prompt per line"),
+        (json.dumps({"custom_id": "c", "body": {}}), "exactly one of 'prompt' and 'messages'"),
+        (json.dumps({"custom_id": "c", "url": "/v1/embeddings", "body": {"prompt": [1]}}), "not supported"),
+        (json.dumps({"custom_id": "c", "body": {"prompt": [1]}, "extra": 1}), "unknown field(s) 'extra'"),
+    ],
+)
+def test_bad_lines_say_what_and_where(line, message):
+    lines = [json.dumps({"input_ids": [1, 2]}), line]
+    with pytest.raises(BatchFileError, match="line 2: ") as info:
+        read_batch(lines, source="b.jsonl")
+    assert message in str(info.value) and str(info.value).startswith("b.jsonl: line 2: ")
+    reqs, errors = read_batch(lines, on_error="skip")
+    assert [r.rid for r in reqs] == ["line-1"] and [e.line for e in errors] == [2] and message in errors[0].message
+
+
+def test_duplicate_ids_name_the_first_line():
+    lines = [json.dumps({"id": "a", "input_ids": [1]}), json.dumps({"id": "b", "input_ids": [1]}),
+             json.dumps({"id": "a", "input_ids": [2]})]
+    with pytest.raises(BatchFileError, match=r"line 3: duplicate id 'a' \(first on line 1\)"):
+        read_batch(lines)
+
+
+def test_a_failing_tokenizer_is_a_line_error():
+    class NoTemplate(FakeEncoder):
+        def encode_chat(self, messages):
+            raise ValueError("no chat template")
+
+    line = json.dumps({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "x"}]}})
+    with pytest.raises(BatchFileError, match="line 1: the tokenizer failed on 'body.messages': no chat template"):
+        read_batch([line], encoder=NoTemplate())
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def test_report(tmp_path, capsys):
+    path = write(tmp_path, native_lines())
+    assert main([path, "--kv-tokens", "150", "--compare-paper"]) == 0
+    out = capsys.readouterr().out
+    assert "12 requests" in out and "3 shared prefixes hold 12 requests" in out
+    assert "saving" in out and "file order" in out and "plan order" in out and "paper's rule" in out
+    assert "3 x 4  (groups x requests)" in out
+
+
+def test_json_matches_the_library(tmp_path, capsys):
+    lines = native_lines()
+    path = write(tmp_path, lines)
+    assert main([path, "--json", "--page-size", "8", "--min-prefix", "16", "--kv-tokens", "1000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    reqs, _ = read_batch(lines)
+    plan = build_plan(reqs, PlannerConfig(page_size=8, min_prefix_tokens=16))
+    for key in ("physical_prefill_tokens", "logical_prefill_tokens", "saving", "groups", "order"):
+        assert out[key] == plan.to_dict()[key]
+    assert [g["prefix_len"] for g in out["groups"]] == [96, 96, 96]
+    assert out["lru_cache"]["kv_tokens"] == 1000 and out["skipped_lines"] == []
+
+
+def test_stop_and_skip(tmp_path, capsys):
+    lines = native_lines(1, 2) + ['{"input_ids": [1], "oops": 1}'] + native_lines(2, 2)[2:]
+    path = write(tmp_path, lines)
+    assert main([path]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: line 3: unknown field(s) 'oops'" in err and "--on-error skip" in err
+    assert main([path, "--on-error", "skip", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "line 3: unknown field(s) 'oops'" in captured.err
+    out = json.loads(captured.out)
+    assert len(out["order"]) == 4 and out["skipped_lines"][0]["line"] == 3
+
+
+def test_bad_flags_exit_2(tmp_path, capsys):
+    path = write(tmp_path, native_lines(1, 2))
+    for argv in ([path, "--page-size", "0"], [path, "--levels", "x"], [path, "--on-error", "ignore"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert main([str(tmp_path / "missing.jsonl")]) == 1
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_text_and_chat_with_the_bundled_tokenizer(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from sglang_batchllm.bundled_model import model_dir
+
+    doc = "The quick brown fox jumps over the lazy dog. " * 20
+    lines = [json.dumps({"id": f"t{i}", "text": doc + f"Question {i}?"}) for i in range(3)]
+    lines += [json.dumps({"custom_id": f"c{i}", "body": {"messages": [{"role": "user", "content": doc + str(i)}]}})
+              for i in range(3)]
+    path = write(tmp_path, lines)
+    assert main([path, "--tokenizer", model_dir(), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["order"]) == 6 and out["saving"] > 0.5
+    assert sorted(len(g["members"]) for g in out["groups"] if g["prefix_len"]) == [3, 3]
+
+
+def test_runs_as_a_module(tmp_path):
+    path = write(tmp_path, native_lines())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-m", "sglang_batchllm.plan", path, "--json"],
+                          capture_output=True, text=True, check=True, env=env)
+    assert json.loads(done.stdout)["logical_prefill_tokens"] == 12 * 104
