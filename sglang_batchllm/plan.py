@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+from .config import BatchLLMConfig, ConfigError
 from .planner import PlanInputError, PlannerConfig
 from .planner.batch_file import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -63,6 +64,15 @@ class HFEncoder:
         return list(out)
 
 
+def _settings_defaults(p: argparse.ArgumentParser) -> BatchLLMConfig:
+    """`--levels` and `--min-prefix` default to the BatchLLM settings (SGLANG_BATCHLLM_*), so the
+    preview plans the batch the way the server would."""
+    try:
+        return BatchLLMConfig.from_env()
+    except ConfigError as err:
+        p.error(str(err))
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m sglang_batchllm.plan",
@@ -72,10 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "or OpenAI batch-API lines (body.prompt / body.messages)")
     p.add_argument("--tokenizer", metavar="PATH", help="Hugging Face tokenizer (folder or hub name) for text lines")
     p.add_argument("--page-size", type=_positive, default=1, metavar="N", help="KV page size of the engine (default 1)")
-    p.add_argument("--levels", type=_positive, default=1, metavar="K",
-                   help="nested sharing levels (default 1: the paper's single level)")
-    p.add_argument("--min-prefix", type=_non_negative, default=32, metavar="N",
-                   help="shortest prefix worth sharing, in tokens (default 32)")
+    settings = _settings_defaults(p)
+    p.add_argument("--levels", type=_positive, default=settings.levels, metavar="K",
+                   help=f"nested sharing levels (default {settings.levels}, from SGLANG_BATCHLLM_LEVELS; "
+                        "1 is the paper's single level)")
+    p.add_argument("--min-prefix", type=_non_negative, default=settings.min_prefix_tokens, metavar="N",
+                   help=f"shortest prefix worth sharing, in tokens (default {settings.min_prefix_tokens}, "
+                        "from SGLANG_BATCHLLM_MIN_PREFIX_TOKENS)")
     p.add_argument("--max-new-tokens", type=_non_negative, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help=f"decode budget of lines that do not give one (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--kv-tokens", type=_positive, metavar="N",

@@ -183,3 +183,13 @@ def test_runs_as_a_module(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sglang_batchllm.plan", path, "--json"],
                           capture_output=True, text=True, check=True, env=env)
     assert json.loads(done.stdout)["logical_prefill_tokens"] == 12 * 104
+
+
+def test_levels_and_min_prefix_default_to_the_batchllm_settings(monkeypatch):
+    from sglang_batchllm.plan import parse_args
+
+    monkeypatch.setenv("SGLANG_BATCHLLM_LEVELS", "2")
+    monkeypatch.setenv("SGLANG_BATCHLLM_MIN_PREFIX_TOKENS", "64")
+    args = parse_args(["batch.jsonl"])
+    assert (args.levels, args.min_prefix) == (2, 64)
+    assert parse_args(["batch.jsonl", "--levels", "1"]).levels == 1
