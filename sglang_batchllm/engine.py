@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import sglang
+from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 from sglang_batchllm import bundled_model
 from sglang_batchllm.compat import check_sglang_version
@@ -34,7 +34,7 @@ def split_batchllm_kwargs(kwargs: dict[str, Any], base: BatchLLMConfig) -> Batch
     return base.replace(**changes)
 
 
-class Engine(sglang.Engine):
+class Engine(_SGLangEngine):
     def __init__(self, *, batchllm: BatchLLMConfig | None = None, **kwargs: Any):
         check_sglang_version()
         base = batchllm if batchllm is not None else BatchLLMConfig.from_env()

@@ -63,3 +63,19 @@ print(os.environ["SGLANG_BATCHLLM_LEVELS"], os.environ["SGLANG_BATCHLLM_MIN_PREF
     bad = code.replace('"3"', '"0"')
     out = subprocess.run([sys.executable, "-c", bad], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode != 0 and "out of range" in (out.stdout + out.stderr)
+
+
+def test_engine_is_an_sglang_engine_and_splits_our_keywords():
+    from sglang.srt.entrypoints.engine import Engine as SGLangEngine
+
+    from sglang_batchllm import Engine
+    from sglang_batchllm.config import BatchLLMConfig, ConfigError
+    from sglang_batchllm.engine import split_batchllm_kwargs
+
+    assert issubclass(Engine, SGLangEngine)
+    assert Engine.run_scheduler_process_func is SGLangEngine.run_scheduler_process_func
+    kwargs = {"model_path": "m", "batchllm_levels": 2}
+    assert split_batchllm_kwargs(kwargs, BatchLLMConfig()) == BatchLLMConfig(levels=2)
+    assert kwargs == {"model_path": "m"}
+    with pytest.raises(ConfigError, match="batchllm_levels"):
+        split_batchllm_kwargs({"batchllm_level": 2}, BatchLLMConfig())
