@@ -1,0 +1,386 @@
+"""Per-step plan for the fused cascade attention kernel (FlashInfer-style plan/run split).
+
+`build_decode_plan` / `build_extend_plan` run ONCE per forward step, on host-side lengths,
+and produce a `CascadePlan` of device tensors that every layer's `cascade_decode` /
+`cascade_extend` call reuses. All work partitioning (tiles, prefix splits, where each
+partial result goes) is decided here, never per layer.
+
+Inputs (SGLang's conventions; "slot" = token index into the per-layer KV buffers):
+
+    prefix_kv_indptr  [G+1]  group g's shared prefix is prefix_kv_indices[indptr[g]:indptr[g+1]]
+    suffix_kv_indptr  [B+1]  request b's own tokens (everything after its group's prefix,
+                             INCLUDING this step's new tokens, whose KV is already written)
+    request_group     [B]    group of request b, or -1 for a request with no shared prefix
+    qo_indptr         [B+1]  extend only: request b's queries are q[qo_indptr[b]:qo_indptr[b+1]],
+                             the last q_len tokens of its suffix (decode: one query each)
+
+Tiles (one program per tile piece and KV head, all in ONE launch). A tile's rows are
+`(query token, query head of the KV head)`, token-major, whole tokens only, so GQA heads
+share every K/V load. Each tile streams a range [lo, hi) of a virtual KV sequence:
+
+    GROUP tile    query tokens of all members of a packed group; stream = the group prefix,
+                  no mask. The prefix is read once per tile instead of once per member.
+    REQUEST tile  a run of consecutive requests; stream = prefix ++ suffix of ONE request
+                  (p_len > 0: its group is not packed), or the back-to-back suffixes of
+                  several requests (p_len = 0), which keeps short decode suffixes streaming
+                  in long loops. Row r sees the prefix part and, in the suffix part, only its
+                  own request's positions up to its own token (causal).
+
+Long tiles are split into pieces. A token with exactly one partial result is written straight
+to the output; others write fp32 partials (o, lse_base2) that one merge launch combines:
+
+    token t's partials: [partial_start[t], partial_start[t] + num_partials[t])
+                        = [ its group's prefix pieces | its REQUEST tile's pieces ]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from .plan_inputs import CascadePlanError, read_step_batch
+
+# Tiles with more KV positions than `chunk` are split into pieces; `chunk` is chosen so the
+# launch has about this many (piece, KV head) programs per SM, but never shorter than
+# MIN_SPLIT_CHUNK positions: a piece must stream enough KV to amortize its partial write.
+PROGRAMS_PER_SM_TARGET = 4
+MIN_SPLIT_CHUNK = 256
+DEFAULT_NUM_SMS = 132  # H100/H200 SXM; used when the plan is built for a non-CUDA device
+
+# One work item (tile piece) = one int32 row; the kernel needs nothing else to start loading.
+ITEM_FIELDS = 10
+(F_KIND, F_LO, F_HI, F_PIECE, F_TOKEN_START, F_NUM_TOKENS, F_PREFIX_START, F_PREFIX_LEN,
+ F_SUFFIX_START) = range(9)  # field 9 is padding
+KIND_GROUP, KIND_REQUEST = 0, 1
+
+PackingPolicy = Literal["auto", "always", "never"]
+
+
+@dataclass(frozen=True)
+class CascadeLaunchConfig:
+    """Compile-time tile shapes of the fused kernel. Rows = query tokens x heads per KV."""
+
+    block_m_group: int  # rows of a GROUP tile
+    block_n_group: int  # KV positions per inner-loop step of a GROUP tile
+    block_m_request: int  # rows of a REQUEST tile
+    block_n_request: int
+    num_warps: int
+    num_stages: int
+
+
+def default_launch_config(mode: str, heads_per_kv: int, max_group_rows: int) -> CascadeLaunchConfig:
+    """Tile shapes per mode: the fastest of the configurations scripts/bench_cascade.py
+    sweeps on an H200 (docs/kernel.md has the table). Decode is memory-bound: 64-row GROUP
+    tiles (16 members x 4 heads fill one wgmma), 16-row REQUEST tiles, 4 warps, 3 stages.
+    Extend is compute-bound: 64-row tiles on 4 warps beat 128-row tiles on 8."""
+    min_rows = max(16, _next_pow2(heads_per_kv))
+    if mode == "decode":
+        group_rows = min(64, max(min_rows, _next_pow2(max(1, max_group_rows))))
+        return CascadeLaunchConfig(group_rows, 64, min_rows, 64, 4, 3)
+    rows = max(64, min_rows)
+    return CascadeLaunchConfig(rows, 32, rows, 32, 4, 3)
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """Everything the kernels need for one forward step; built by `build_*_plan`."""
+
+    mode: str  # "decode" or "extend"
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_tokens: int
+    num_requests: int
+    num_groups: int
+    num_items: int
+    needs_merge: bool  # some token has != 1 partials
+    config: CascadeLaunchConfig
+    # device tensors (int32 unless noted)
+    items: torch.Tensor  # [num_items, ITEM_FIELDS], costliest first
+    prefix_kv_indices: torch.Tensor  # the caller's slots (int32 or int64)
+    suffix_kv_indices: torch.Tensor
+    group_q_tokens: torch.Tensor  # query token ids of packed groups' members, by group
+    token_partial_start: torch.Tensor  # [T] first partial (its group's prefix pieces)
+    token_own_partial_start: torch.Tensor  # [T] first partial of its REQUEST tile's pieces
+    token_num_partials: torch.Tensor  # [T]
+    token_suffix_start: torch.Tensor  # [T] its request's suffix offset in suffix_kv_indices
+    token_qpos: torch.Tensor  # [T] its position in its request's suffix (causal bound)
+    partial_out: torch.Tensor  # [max(P, 1), Hq, D] float32 workspace
+    partial_lse_base2: torch.Tensor  # [max(P, 1), Hq] float32 workspace
+    # host-side summaries (for tests, benchmarks and logs)
+    packed_groups: torch.Tensor  # [G] bool, CPU
+    group_num_splits: torch.Tensor  # [G] int64, CPU: prefix pieces of packed groups
+
+    @property
+    def heads_per_kv(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+    def with_config(self, config: CascadeLaunchConfig) -> CascadePlan:
+        """Same plan, other loop shapes; the row tiling (block_m_*) must stay the same."""
+        if (config.block_m_group, config.block_m_request) != (
+            self.config.block_m_group,
+            self.config.block_m_request,
+        ):
+            raise CascadePlanError("block_m_* decide the tiling: build a new plan instead")
+        return replace(self, config=config)
+
+
+def build_decode_plan(**kwargs) -> CascadePlan:
+    """Plan a decode step: one query token per request (`q[b]` belongs to request b).
+    Keyword arguments as `build_extend_plan`, without `qo_indptr`."""
+    if "qo_indptr" in kwargs:
+        raise CascadePlanError("a decode plan has one query per request: drop qo_indptr")
+    return _build_plan(mode="decode", qo_indptr=None, **kwargs)
+
+
+def build_extend_plan(*, qo_indptr, **kwargs) -> CascadePlan:
+    """Plan an extend/prefill step.
+
+    Args (all keyword): prefix_kv_indptr, prefix_kv_indices, suffix_kv_indptr,
+    suffix_kv_indices, request_group, qo_indptr, num_q_heads, num_kv_heads, head_dim;
+    optional prefix_packing ("auto" | "always" | "never"), max_kv_chunk (split length; None =
+    automatic), num_sms, config (CascadeLaunchConfig). Index tensors stay on their device;
+    indptr / group / qo arrays may be lists or tensors (CPU tensors avoid a device sync).
+    """
+    return _build_plan(mode="extend", qo_indptr=qo_indptr, **kwargs)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _segment_arange(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For counts [n]: (owner of each element, index within its owner)."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return owner, torch.arange(owner.numel()) - starts[owner]
+
+
+def _runs_of_requests(eligible: torch.Tensor, q_len: torch.Tensor, capacity: int):
+    """Greedily cut runs of consecutive eligible requests into tiles of <= capacity tokens.
+    Returns (first request, last request) per tile."""
+    idx = eligible.nonzero().flatten()
+    if idx.numel() == 0:
+        return idx, idx
+    if bool((q_len[idx] == 1).all()):  # decode: vectorized
+        new_run = torch.ones_like(idx, dtype=torch.bool)
+        new_run[1:] = idx[1:] != idx[:-1] + 1
+        run_id = torch.cumsum(new_run, 0) - 1
+        run_start = torch.nonzero(new_run).flatten()
+        pos = torch.arange(idx.numel()) - run_start[run_id]
+        key = run_id * (idx.numel() + 1) + pos // capacity
+        first = torch.ones_like(new_run)
+        first[1:] = key[1:] != key[:-1]
+        last = torch.ones_like(new_run)
+        last[:-1] = first[1:]
+        return idx[first], idx[last]
+    firsts, lasts, tokens, prev = [], [], 0, -2
+    for b, n in zip(idx.tolist(), q_len[idx].tolist()):
+        if b == prev + 1 and tokens + n <= capacity:
+            tokens += n
+            lasts[-1] = b
+        else:
+            firsts.append(b)
+            lasts.append(b)
+            tokens = n
+        prev = b
+    return torch.tensor(firsts), torch.tensor(lasts)
+
+
+def _build_plan(
+    *,
+    mode: str,
+    prefix_kv_indptr,
+    prefix_kv_indices: torch.Tensor,
+    suffix_kv_indptr,
+    suffix_kv_indices: torch.Tensor,
+    request_group,
+    qo_indptr,
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    prefix_packing: PackingPolicy = "auto",
+    max_kv_chunk: int | None = None,
+    num_sms: int | None = None,
+    config: CascadeLaunchConfig | None = None,
+) -> CascadePlan:
+    step = read_step_batch(
+        prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices,
+        suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices,
+        request_group=request_group, qo_indptr=qo_indptr, num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim,
+    )
+    if prefix_packing not in ("auto", "always", "never"):
+        raise CascadePlanError(f"prefix_packing must be auto, always or never, not {prefix_packing!r}")
+    if max_kv_chunk is not None and max_kv_chunk <= 0:
+        raise CascadePlanError(f"max_kv_chunk must be positive, got {max_kv_chunk}")
+    device, group, qo = step.device, step.request_group, step.qo_indptr
+    p_indptr, s_indptr = step.prefix_kv_indptr, step.suffix_kv_indptr
+    prefix_len, suffix_len, q_len = step.prefix_len, step.suffix_len, step.q_len
+    num_groups, num_tokens = step.num_groups, step.num_tokens
+    hpk = num_q_heads // num_kv_heads
+
+    # Per-group arrays get one padding entry at index G, which requests without a group use.
+    pad = torch.zeros(1, dtype=torch.int64)
+    gidx = torch.where(group >= 0, group, num_groups)
+    req_prefix_len = torch.cat([prefix_len, pad])[gidx]
+    req_prefix_start = torch.cat([p_indptr[:-1], pad])[gidx]
+    members = torch.bincount(gidx, minlength=num_groups + 1)[:num_groups]
+    group_tokens = torch.zeros(num_groups + 1, dtype=torch.int64).index_add_(0, gidx, q_len)
+    group_tokens = group_tokens[:num_groups]
+
+    # ---- which groups run their prefix as packed GROUP tiles -------------------------------
+    if config is None:
+        max_group_rows = int(group_tokens.max()) * hpk if num_groups else 0
+        config = default_launch_config(mode, hpk, max_group_rows)
+    if min(config.block_m_group, config.block_m_request) < hpk:
+        raise CascadePlanError(f"tiles of {config} cannot hold the {hpk} query heads of a KV head")
+    tok_per_group_tile = config.block_m_group // hpk
+    tok_per_req_tile = config.block_m_request // hpk
+    if prefix_packing == "always":
+        packed = (prefix_len > 0) & (group_tokens > 0)
+    elif prefix_packing == "never":
+        packed = torch.zeros(num_groups, dtype=torch.bool)
+    else:  # pack when one member's rows alone would not fill a GROUP tile
+        packed = (prefix_len > 0) & (members >= 2) & (
+            group_tokens * hpk < members * config.block_m_group
+        )
+    req_packed = torch.cat([packed, torch.zeros(1, dtype=torch.bool)])[gidx]
+    req_stream_prefix = torch.where(req_packed, 0, req_prefix_len)  # prefix a REQUEST tile reads
+
+    # ---- GROUP tiles: token ranges of group_q_tokens ---------------------------------------
+    group_q_indptr = torch.cat([pad, torch.cumsum(torch.where(packed, group_tokens, 0), 0)])
+    g_tiles = torch.where(packed, _cdiv(group_tokens, tok_per_group_tile), 0)
+    g_owner, g_m = _segment_arange(g_tiles)
+    g_t0 = g_m * tok_per_group_tile
+    g_fields = [
+        torch.zeros_like(g_owner),  # lo
+        prefix_len[g_owner],  # hi
+        group_q_indptr[g_owner] + g_t0,  # token start (into group_q_tokens)
+        torch.minimum(group_tokens[g_owner] - g_t0, torch.full_like(g_t0, tok_per_group_tile)),
+        p_indptr[:-1][g_owner],  # prefix start
+        prefix_len[g_owner],  # prefix length
+        torch.zeros_like(g_owner),  # suffix start
+    ]
+
+    # ---- REQUEST tiles ---------------------------------------------------------------------
+    # a) requests that stream a prefix, or have more tokens than a tile: tiles of their own
+    alone = (q_len > 0) & ((req_stream_prefix > 0) | (q_len > tok_per_req_tile))
+    a_tiles = torch.where(alone, _cdiv(q_len, tok_per_req_tile), 0)
+    a_owner, a_m = _segment_arange(a_tiles)
+    a_t0 = a_m * tok_per_req_tile
+    a_ntok = torch.minimum(q_len[a_owner] - a_t0, torch.full_like(a_t0, tok_per_req_tile))
+    a_prefix = req_stream_prefix[a_owner]
+    # a causal tile needs no key after its last query token
+    a_hi = a_prefix + suffix_len[a_owner] - q_len[a_owner] + a_t0 + a_ntok
+    # b) runs of consecutive suffix-only requests share a tile, suffixes back to back
+    first, last = _runs_of_requests((q_len > 0) & ~alone, q_len, tok_per_req_tile)
+    r_fields = [
+        torch.zeros(a_owner.numel() + first.numel(), dtype=torch.int64),  # lo
+        torch.cat([a_hi, s_indptr[last + 1] - s_indptr[first]]),  # hi
+        torch.cat([qo[:-1][a_owner] + a_t0, qo[first]]),  # token start
+        torch.cat([a_ntok, qo[last + 1] - qo[first]]),  # tokens
+        torch.cat([req_prefix_start[a_owner], torch.zeros_like(first)]),  # prefix start
+        torch.cat([a_prefix, torch.zeros_like(first)]),  # prefix length streamed
+        torch.cat([s_indptr[:-1][a_owner], s_indptr[:-1][first]]),  # suffix start
+    ]
+    num_g = g_owner.numel()
+    kind = torch.cat(
+        [torch.full((num_g,), KIND_GROUP), torch.full((r_fields[0].numel(),), KIND_REQUEST)]
+    )
+    fields = [torch.cat([g, r]) for g, r in zip(g_fields, r_fields)]
+    lo, hi = fields[0], fields[1]
+    length = (hi - lo).clamp(min=0)  # 0: nothing to attend (no prefix, empty suffix)
+
+    # ---- split long tiles into pieces ------------------------------------------------------
+    if max_kv_chunk is None:
+        if num_sms is None:
+            num_sms = (
+                torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda"
+                else DEFAULT_NUM_SMS
+            )
+        work = int(length.sum()) * num_kv_heads
+        chunk = max(MIN_SPLIT_CHUNK, _cdiv(work, num_sms * PROGRAMS_PER_SM_TARGET))
+        pieces = _cdiv(length, chunk)
+        # even pieces, borders on multiples of the larger block_n
+        block = max(config.block_n_group, config.block_n_request)
+        piece_len = _cdiv(_cdiv(length, pieces.clamp(min=1)), block) * block
+        pieces = _cdiv(length, piece_len.clamp(min=1))
+    else:
+        piece_len = torch.full_like(length, int(max_kv_chunk))
+        pieces = _cdiv(length, piece_len)
+
+    # ---- expand pieces into items, costliest first (longest-processing-time order) ---------
+    parent, piece = _segment_arange(pieces)
+    p_lo = lo[parent] + piece * piece_len[parent]
+    p_hi = torch.minimum(hi[parent], p_lo + piece_len[parent])
+    rows = torch.where(kind[parent] == KIND_GROUP, config.block_m_group, config.block_m_request)
+    order = torch.argsort((p_hi - p_lo) * rows, descending=True, stable=True)
+    items = torch.stack(
+        [kind[parent], p_lo, p_hi, piece] + [f[parent] for f in fields[2:]]
+        + [torch.zeros_like(p_lo)],
+        dim=1,
+    )[order]
+
+    # ---- per-token bookkeeping -------------------------------------------------------------
+    tok_req, tok_local = _segment_arange(q_len)
+    group_num_splits = torch.zeros(num_groups + 1, dtype=torch.int64)
+    group_num_splits[g_owner] = pieces[:num_g]
+    grp_pieces = torch.where(req_packed[tok_req], group_num_splits[gidx[tok_req]], 0)
+    own_pieces = torch.zeros(num_tokens, dtype=torch.int64)
+    r_start, r_ntok = fields[2][num_g:], fields[3][num_g:]
+    tile_of, tile_pos = _segment_arange(r_ntok)  # REQUEST tiles partition the tokens
+    own_pieces[r_start[tile_of] + tile_pos] = pieces[num_g:][tile_of]
+    num_partials = grp_pieces + own_pieces
+    partial_start = torch.cumsum(num_partials, 0) - num_partials
+    needs_merge = bool((num_partials != 1).any())
+    total_partials = int(num_partials.sum()) if needs_merge else 0
+    token_suffix_start = s_indptr[:-1][tok_req]
+    token_qpos = suffix_len[tok_req] - q_len[tok_req] + tok_local
+    # GROUP tiles' query tokens: packed groups' member tokens, by group, in token order
+    sel = req_packed[tok_req]
+    group_q_tokens = torch.arange(num_tokens)[sel][torch.argsort(gidx[tok_req][sel], stable=True)]
+
+    # ---- one host-to-device copy of all int32 metadata ------------------------------------
+    host = [
+        items.reshape(-1), group_q_tokens, partial_start, partial_start + grp_pieces,
+        num_partials, token_suffix_start, token_qpos,
+    ]
+    sizes = [t.numel() for t in host]
+    packed_host = torch.cat(host).to(torch.int32)
+    if device.type == "cuda":
+        packed_host = packed_host.pin_memory()
+    dev = packed_host.to(device, non_blocking=True).split(sizes)
+    ws_rows = max(total_partials, 1)
+    return CascadePlan(
+        mode=mode,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        num_tokens=num_tokens,
+        num_requests=step.num_requests,
+        num_groups=num_groups,
+        num_items=items.shape[0],
+        needs_merge=needs_merge,
+        config=config,
+        items=dev[0].view(-1, ITEM_FIELDS),
+        prefix_kv_indices=prefix_kv_indices,
+        suffix_kv_indices=suffix_kv_indices,
+        group_q_tokens=dev[1],
+        token_partial_start=dev[2],
+        token_own_partial_start=dev[3],
+        token_num_partials=dev[4],
+        token_suffix_start=dev[5],
+        token_qpos=dev[6],
+        partial_out=torch.empty(ws_rows, num_q_heads, head_dim, dtype=torch.float32, device=device),
+        partial_lse_base2=torch.empty(ws_rows, num_q_heads, dtype=torch.float32, device=device),
+        packed_groups=packed,
+        group_num_splits=group_num_splits[:num_groups],
+    )
