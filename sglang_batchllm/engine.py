@@ -15,6 +15,7 @@ from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 from sglang_batchllm import bundled_model
 from sglang_batchllm.compat import check_sglang_version
 from sglang_batchllm.config import BatchLLMConfig, ConfigError
+from sglang_batchllm.plugin import require_entry_point
 
 _KW_PREFIX = "batchllm_"
 
@@ -37,6 +38,7 @@ def split_batchllm_kwargs(kwargs: dict[str, Any], base: BatchLLMConfig) -> Batch
 class Engine(_SGLangEngine):
     def __init__(self, *, batchllm: BatchLLMConfig | None = None, **kwargs: Any):
         check_sglang_version()
+        require_entry_point()
         base = batchllm if batchllm is not None else BatchLLMConfig.from_env()
         config = split_batchllm_kwargs(kwargs, base).replace(enable=True)
         if "server_args" not in kwargs and kwargs.get("model_path") is None:

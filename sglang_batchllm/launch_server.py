@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
-from importlib.metadata import entry_points
 
 from sglang_batchllm import bundled_model
 from sglang_batchllm.compat import check_sglang_version
 from sglang_batchllm.config import env_name
+from sglang_batchllm.plugin import require_entry_point
 
 _MODEL_FLAGS = ("--model-path", "--model", "--config")
 _HELP_FLAGS = ("-h", "--help")
@@ -33,21 +33,11 @@ def with_default_model(argv: list[str]) -> list[str]:
     return argv + extra
 
 
-def _require_entry_point() -> None:
-    names = {ep.value for ep in entry_points(group="sglang.srt.plugins")}
-    if "sglang_batchllm.plugin:register" not in names:
-        raise SystemExit(
-            "sglang_batchllm is importable but not installed as an SGLang plugin (its "
-            "`sglang.srt.plugins` entry point is missing), so SGLang's scheduler processes "
-            "would run without it. Install the package: `pip install -e .` in the repository."
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ[env_name("enable")] = "1"
     check_sglang_version()
-    _require_entry_point()
+    require_entry_point()
 
     from sglang.srt.plugins import load_plugins
 

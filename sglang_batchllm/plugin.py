@@ -17,6 +17,7 @@ catch, so a misconfigured BatchLLM never silently runs as plain SGLang.
 from __future__ import annotations
 
 import logging
+from importlib.metadata import entry_points
 
 from sglang_batchllm.compat import check_sglang_version
 from sglang_batchllm.config import BatchLLMConfig, ConfigError, is_enabled
@@ -43,6 +44,22 @@ def register() -> None:
     installed = patches.install_all(config)
     _active_config = config
     logger.info("sglang_batchllm enabled (%s); patches: %s", config, ", ".join(installed) or "none")
+
+
+ENTRY_POINT = "sglang_batchllm.plugin:register"
+
+
+def require_entry_point() -> None:
+    """Stop unless SGLang's plugin loader will find us: the scheduler processes load the plugin
+    only through its entry point, so a package that is merely importable (on PYTHONPATH, or
+    installed by another interpreter's pip) would silently run as plain SGLang."""
+    if ENTRY_POINT not in {ep.value for ep in entry_points(group="sglang.srt.plugins")}:
+        raise SystemExit(
+            "sglang_batchllm is importable but not installed as an SGLang plugin (its "
+            "`sglang.srt.plugins` entry point is missing from this interpreter), so SGLang's "
+            "scheduler processes would run without it. Install it with this interpreter: "
+            "`python -m pip install -e .` in the repository."
+        )
 
 
 def active_config() -> BatchLLMConfig | None:

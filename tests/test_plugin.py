@@ -154,3 +154,17 @@ def test_plain_sglang_launcher_help(enabled):
     else:
         assert with_us == without_us
         assert "batchllm" not in with_us.lower()
+
+
+def test_missing_entry_point_stops_the_engine_and_launcher():
+    code = """
+    import importlib.metadata as md
+    import sglang_batchllm.plugin as plugin
+    plugin.entry_points = lambda group: []
+    try:
+        plugin.require_entry_point()
+    except SystemExit as exc:
+        print(exc)
+    """
+    out = _run(code)
+    assert "entry point is missing" in out.stdout and "python -m pip install -e ." in out.stdout

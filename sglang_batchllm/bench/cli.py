@@ -298,7 +298,7 @@ def plugin_problems(results: dict, labels: Sequence[str], engines: Sequence[str]
         active = results[label].get("scheduler", {}).get("batchllm_active")
         if active != (engine == "batchllm"):
             want = "active" if engine == "batchllm" else "inactive"
-            hint = (" Install the package (pip install -e . --no-deps) so SGLang's load_plugins() finds the "
+            hint = (" Install the package with this interpreter (python -m pip install --no-deps -e .) so SGLang's load_plugins() finds the "
                     "'batchllm' entry point." if engine == "batchllm" else "")
             problems.append(f"the BatchLLM plugin should be {want} in the {label} run's scheduler, "
                             f"but the scheduler reported batchllm_active={active}.{hint}")
