@@ -31,9 +31,7 @@ import triton
 from triton.testing import do_bench
 
 REPO = Path(__file__).resolve().parents[1]
-COMMAND = "PYTHONUNBUFFERED=1 PYTHONPATH=.sglref python3 scripts/bench_cascade.py " + " ".join(
-    sys.argv[1:]
-)
+_ARGS = " ".join(sys.argv[1:])
 
 
 def _import_kernels():
@@ -61,6 +59,12 @@ _import_kernels()
 from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
 from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
 from sglang.kernels.ops.attention.metadata import get_num_kv_splits_triton
+
+# Which SGLang kernels this run compares against, in the command that reproduces it: the
+# installed SGLang, or the unmodified copies in .sglref/ (machines without SGLang's stack).
+_SGLANG_FROM = Path(sys.modules["sglang"].__path__[0]).resolve()
+_ENV = "PYTHONPATH=.sglref " if ".sglref" in _SGLANG_FROM.parts else ""
+COMMAND = f"PYTHONUNBUFFERED=1 {_ENV}python3 scripts/bench_cascade.py {_ARGS}".rstrip()
 from sglang_batchllm.kernels import cascade_attention as ca
 from sglang_batchllm.kernels import reference, synthetic
 from sglang_batchllm.kernels.cascade_plan import (
