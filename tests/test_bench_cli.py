@@ -57,7 +57,7 @@ def test_plugin_problems():
     assert cli.plugin_problems(ok, ("vanilla", "batchllm"), ("vanilla", "batchllm")) == []
     inert = {"vanilla": {"scheduler": {"batchllm_active": False}}, "batchllm": {"scheduler": {"batchllm_active": False}}}
     (problem,) = cli.plugin_problems(inert, ("vanilla", "batchllm"), ("vanilla", "batchllm"))
-    assert "should be active in the batchllm run" in problem and "pip install -e ." in problem
+    assert "should be active in the batchllm run" in problem and "python -m pip install --no-deps -e ." in problem
 
 
 def test_dry_run_starts_nothing(tmp_path, capsys):
