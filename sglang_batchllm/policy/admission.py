@@ -1,0 +1,159 @@
+"""Prefix-first, memory-centric admission: which waiting requests SGLang may prefill now.
+
+Rules (BatchLLM section 2-3), applied every time the scheduler forms a prefill batch:
+
+1. **Prefix first.** A shared group's first admitted member (its leader) computes the prefix;
+   the other members are offered only once the prefix is cached and pinned, so none of them
+   computes it again. A group's own members come before any new group (pins are released
+   sooner and their prefix never waits in memory for nothing).
+2. **Whole-group reservation.** A group is opened (its leader offered) only when the KV pool
+   can hold everything the group will still need: the leader's prompt, every member's own
+   tokens and every member's whole decode budget. That reservation stays until the members
+   are admitted, so admitting a group's members never fails for memory, and, since running
+   requests are charged their whole remaining decode budget too, a batch job never retracts.
+   How many groups are in flight is thus a memory decision, not a fixed wave size.
+3. **Plan order.** New groups open in the session's order (decode-heavy first); the first
+   one that does not fit stops the opening (no small group overtakes, the order is kept).
+4. **Progress.** When nothing runs and nothing is reserved, the first waiting group is opened
+   even if it does not fit as a whole: its members then enter one by one as memory frees,
+   so a group larger than the pool runs in waves instead of deadlocking.
+
+The step's token budget (how many of the offered prompt tokens run in this step) is SGLang's
+chunked-prefill budget; see `runtime/scheduler.py` for how decode rows ride with it.
+
+Pure: the inputs are the planning session and a `PoolView` of plain ints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sglang_batchllm.planner.session import GroupState, LiveGroup, Member, PlanningSession
+
+# SGLang clips its own estimate of a request's remaining decode at 4096 tokens
+# (SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION); a request with a larger budget that really decodes
+# that long can still be retracted. A batch job's budgets are far below it.
+DEFAULT_CLIP_MAX_NEW_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class PoolView:
+    """The KV pool as the policy sees it, in tokens.
+
+    free: slots SGLang can hand out now: allocator available + radix-cache evictable
+        (eviction is lazy at allocation). Pinned prefixes and running requests' KV are not in it.
+    running_need: slots the admitted, unfinished requests will still allocate: the rest of
+        their prompt (a chunked prefill) plus their remaining decode budget.
+    """
+
+    capacity: int
+    free: int
+    running_need: int
+    page_size: int = 1
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    clip_max_new_tokens: int = DEFAULT_CLIP_MAX_NEW_TOKENS
+
+
+@dataclass(frozen=True)
+class Admission:
+    """offer: request ids SGLang may admit now, in the order to try them (a prefix of it will
+    run, as the step's token budget allows). opened: groups whose leader is offered.
+    headroom: free tokens left after running needs and every reservation (may be < 0 only
+    under the progress rule)."""
+
+    offer: tuple[str, ...]
+    opened: tuple[int, ...]
+    reserved: int
+    headroom: int
+
+
+def request_cost(member: Member, group: LiveGroup, page_size: int, clip: int) -> int:
+    """KV slots `member` will allocate from admission to finish. Members of a cached group
+    compute only their own tokens; a leader (or an unshared request) computes its prompt.
+    One page of slack covers the rounding of its last page."""
+    cached = group.prefix_len if group.is_shared and group.state is not GroupState.WAITING else 0
+    return member.prompt_len - cached + min(member.max_new_tokens, clip) + page_size
+
+
+def group_cost(session: PlanningSession, group: LiveGroup, page_size: int, clip: int) -> int:
+    """Everything a waiting group will need: the leader's whole prompt, the other members'
+    own tokens, every decode budget."""
+    total = 0
+    for i, rid in enumerate(group.pending):
+        m = session.member(rid)
+        own = m.prompt_len if i == 0 or not group.is_shared else m.prompt_len - group.prefix_len
+        total += own + min(m.max_new_tokens, clip) + page_size
+    return total
+
+
+def _claim(session: PlanningSession, g: LiveGroup, costs: list[int]) -> int:
+    """What an open group still holds in reserve: its reserved pending members' costs, plus
+    the prefix of a group whose leader finished before its prefix was pinned (that KV sits
+    evictable in the radix cache until the pin takes it)."""
+    claim = sum(c for rid, c in zip(g.pending, costs) if rid not in g.late)
+    if g.state is GroupState.PREFILLING and g.leader not in g.running:
+        claim += g.prefix_len
+    return claim
+
+
+def plan_admission(
+    session: PlanningSession, pool: PoolView, config: AdmissionConfig = AdmissionConfig()
+) -> Admission:
+    page, clip = pool.page_size, config.clip_max_new_tokens
+    spendable = pool.free - pool.running_need
+    claimed = 0  # reservations of the open groups seen so far that stay unspent this round
+    offer: list[str] = []
+    late: list[tuple[str, int]] = []
+
+    # 1. members of cached groups, oldest group first. A group's reservation is its own, and
+    #    the groups before it have the first claim on memory, so the oldest open group can
+    #    always go on, and a group's members never fail for memory that was promised to it.
+    for g in session.groups():
+        if not g.is_shared or g.state is GroupState.WAITING:
+            continue
+        costs = [request_cost(session.member(r), g, page, clip) for r in g.pending]
+        taken: set[str] = set()
+        if g.state is GroupState.CACHED:
+            available = spendable - claimed
+            for rid, cost in zip(g.pending, costs):
+                if rid in g.late:
+                    late.append((rid, cost))
+                elif cost <= available:
+                    taken.add(rid)
+                    offer.append(rid)
+                    available -= cost
+                    spendable -= cost
+                else:
+                    break  # members run in the group's order
+        claimed += _claim(session, g, costs) - sum(c for rid, c in zip(g.pending, costs) if rid in taken)
+    reserved = claimed
+    headroom = spendable - claimed
+
+    # 2. late joiners of cached groups, from memory nobody claimed
+    for rid, cost in late:
+        if cost <= headroom:
+            offer.append(rid)
+            headroom -= cost
+
+    # 3. open waiting groups in plan order while the whole group fits
+    opened: list[int] = []
+    idle = pool.running_need == 0 and reserved == 0
+    for g in session.groups():
+        if g.state is not GroupState.WAITING:
+            continue
+        cost = group_cost(session, g, page, clip)
+        if cost > headroom and not (idle and not opened and not offer):
+            break
+        offer.append(g.pending[0])
+        opened.append(g.gid)
+        headroom -= cost
+    return Admission(tuple(offer), tuple(opened), reserved, headroom)
+
+
+def running_need(prompt_left: int, max_new_tokens: int, output_len: int, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:
+    """Slots an admitted request will still allocate: its prompt not yet prefilled plus the rest
+    of its (clipped) decode budget."""
+    return max(0, prompt_left) + max(0, min(max_new_tokens, clip) - output_len)
