@@ -1,0 +1,333 @@
+"""`batchllm` attention backend: SGLang's Triton backend, with the decode rows of a mixed batch
+run by the decode kernel.
+
+Why. With `--enable-mixed-chunk` the scheduler folds every running decode request (one new token
+each) into the prefill batch as `ForwardMode.MIXED`, and the Triton backend's `forward_extend`
+runs *all* rows through `extend_attention_fwd`. That kernel's grid is (rows, query heads,
+cdiv(longest extend, BLOCK_M)) with no split-KV and no packing of the query heads that share a KV
+head, so a decode row streams its whole context once per query head (4x the KV bytes for GQA
+32/8) inside a prefill-sized tile that holds one useful row. On an H200 the authors' workload ran
+2x slower with mixed chunk on. BatchLLM's scheduler wants decode rows to ride with prefill
+chunks, so here they go through `decode_attention_fwd` (split-KV, GQA heads packed) instead.
+
+What. A MIXED step, as `ScheduleBatch.mix_with_running` lays it out::
+
+    rows     [0, P)  prefill rows            [P, B)  decode rows (extend_len 1)
+    tokens   q[0, T) T = sum(extend_lens[:P]) q[T, T + B - P)
+    kernel   extend_attention_fwd             decode_attention_fwd
+    metadata the parent's, built for the      `DecodeRows`: kv over each row's whole
+             first P rows only                context, this step's token included
+
+- `init_forward_metadata` plans once per step (plan/run split, no per-layer host work): the
+  parent's extend metadata over a row-sliced view of the batch, plus `DecodeRows`.
+- `forward_extend` calls the parent's, which writes the KV of *all* new tokens exactly once
+  and runs the extend kernel over the prefill rows; then the decode kernel fills the decode
+  rows' slice of the same output, reading the new tokens' KV from the pool.
+- Everything else is the parent's: EXTEND, DECODE, IDLE, TARGET_VERIFY, the CUDA-graph hooks.
+
+Which rows are decode rows. `ForwardBatch` does not say how many rows came from the running
+batch (`ScheduleBatch.decoding_reqs` is not copied into it), so the plan takes the trailing run
+of rows with extend_len 1 (`count_decode_rows`). That run can also hold a prefill row of one
+token (a prompt cached up to its last token is common), which is fine: its only query sits at
+position prefix_len and, causal or not, sees exactly keys [0, prefix_len], which after the KV
+write are `req_to_token[row, :prefix_len + 1]`, i.e. decode attention over seq_len =
+prefix_len + 1. So no `prefix_len > 0` test is needed (a one-token prompt with no prefix is
+decode over one key). One row always stays on the extend path, so the parent's metadata code
+never sees an empty batch.
+
+Not planned (MIXED falls back to the parent, one warning at init names the reason): MLA,
+sliding window / SWA pools, encoder-decoder, speculative decoding, decode context parallelism,
+deterministic inference. Supported on both paths, so kept: logit cap, xai temperature, attention
+sinks, k/v scales, page size > 1, unified-pool slot translation, `score_mod` (the per-token
+`aux_tensors` are sliced to the decode tokens). Custom masks never occur in MIXED (the Triton
+backend builds one only for TARGET_VERIFY). Under the breakable prefill CUDA graph the layers
+see the batch as EXTEND (`prefill_cuda_graph_runner` renames MIXED), so `forward_extend` keys on
+the plan made from the real batch, never on `forward_mode`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "batchllm"
+
+
+def count_decode_rows(extend_seq_lens: Sequence[int]) -> int:
+    """Rows at the end of a MIXED batch that take the decode path: the trailing run of one-token
+    rows, leaving at least one row (the first) for the extend kernel."""
+    count = 0
+    for length in reversed(extend_seq_lens):
+        if int(length) != 1:
+            break
+        count += 1
+    return min(count, len(extend_seq_lens) - 1)
+
+
+def mixed_fallback_reason(
+    *,
+    use_mla: bool,
+    sliding_window: bool,
+    encoder_decoder: bool,
+    speculative: bool,
+    dcp_size: int,
+    deterministic: bool,
+) -> Optional[str]:
+    """Why MIXED steps must stay on the parent's path, or None when the split path applies."""
+    if use_mla:
+        return "MLA (the Triton backend's MLA decode path is not planned here)"
+    if sliding_window:
+        return "sliding-window attention (window metadata is not planned here)"
+    if encoder_decoder:
+        return "encoder-decoder / cross attention"
+    if speculative:
+        return "speculative decoding"
+    if dcp_size > 1:
+        return "decode context parallelism"
+    if deterministic:
+        return "deterministic inference (its batch-invariant kernels must serve every row)"
+    return None
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """This step's decode rows: batch rows [first_row, first_row + num_rows), query tokens
+    [first_token, first_token + num_rows), one each. Tensors live on the device."""
+
+    first_row: int
+    first_token: int
+    num_rows: int
+    kv_indptr: torch.Tensor  # [num_rows + 1] int32: row r reads kv_indices[indptr[r]:indptr[r+1]]
+    kv_indices: torch.Tensor  # int64 KV slots, whole context, this step's token last
+    num_kv_splits: torch.Tensor  # [num_rows] int32
+    attn_logits: torch.Tensor  # [num_rows, H, max_kv_splits, Dv] fp32 split partials
+    attn_lse: torch.Tensor  # [num_rows, H, max_kv_splits] fp32
+
+
+class BatchLLMAttnBackend(TritonAttnBackend):
+    """The Triton backend; in a MIXED step its decode rows run the decode kernel (module doc).
+    `decode_rows` is this step's plan, None whenever the parent's path serves the whole step."""
+
+    def __init__(self, model_runner, skip_prefill: bool = False, kv_indptr_buf=None):
+        super().__init__(model_runner, skip_prefill=skip_prefill, kv_indptr_buf=kv_indptr_buf)
+        server_args = model_runner.server_args
+        self.mixed_fallback_reason = mixed_fallback_reason(
+            use_mla=self.use_mla,
+            sliding_window=bool(self.sliding_window_size and self.sliding_window_size > 0)
+            or self.use_sliding_window_kv_pool,
+            encoder_decoder=bool(model_runner.model_config.is_encoder_decoder),
+            speculative=skip_prefill
+            or bool(model_runner.is_draft_worker)
+            or getattr(server_args, "speculative_algorithm", None) is not None,
+            dcp_size=self.dcp_size,
+            deterministic=bool(self.enable_deterministic),
+        )
+        if self.mixed_fallback_reason is not None:
+            logger.warning(
+                "batchllm attention: mixed-chunk decode rows stay on the Triton extend kernel "
+                "(%s)", self.mixed_fallback_reason,
+            )
+        # Small per-row buffers, allocated once; a batch never has more rows than request slots.
+        max_rows = model_runner.req_to_token_pool.size
+        int32 = dict(dtype=torch.int32, device=self.device)
+        self._decode_kv_indptr = torch.zeros(max_rows + 1, **int32)
+        self._decode_kv_lens = torch.zeros(max_rows, **int32)
+        self._decode_num_kv_splits = torch.zeros(max_rows, **int32)
+        self.decode_rows: Optional[DecodeRows] = None
+
+    # -- plan (once per step) ------------------------------------------------------------------
+
+    def init_forward_metadata(self, forward_batch):
+        self.decode_rows = None
+        num_decode = self._num_decode_rows(forward_batch)
+        if num_decode == 0:
+            return super().init_forward_metadata(forward_batch)
+        num_prefill = forward_batch.batch_size - num_decode
+        super().init_forward_metadata(_leading_rows(forward_batch, num_prefill))
+        self.decode_rows = self._plan_decode_rows(forward_batch, num_prefill)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        # Graph capture / replay paths plan through the parent only; never leave a stale plan.
+        self.decode_rows = None
+        return super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+
+    def _num_decode_rows(self, forward_batch) -> int:
+        if self.mixed_fallback_reason is not None or not forward_batch.forward_mode.is_mixed():
+            return 0
+        extend_lens = forward_batch.extend_seq_lens_cpu
+        if extend_lens is None or forward_batch.extend_prefix_lens_cpu is None:
+            return 0  # planning would need a device sync; the parent's path is still correct
+        if len(extend_lens) != forward_batch.batch_size:
+            return 0  # rows padded or regrouped by someone else: do not guess
+        return count_decode_rows(extend_lens)
+
+    def _plan_decode_rows(self, forward_batch, first_row: int) -> DecodeRows:
+        batch_size = forward_batch.batch_size
+        num_rows = batch_size - first_row
+        # Row r's context is its prefix plus this step's token: prefix_len + 1 keys, sized on the
+        # host from the same lists that drive the device lengths (no sync, no overflow).
+        kv_lens = self._decode_kv_lens[:num_rows]
+        torch.add(forward_batch.extend_prefix_lens[first_row:batch_size], 1, out=kv_lens)
+        kv_indptr = self._decode_kv_indptr[: num_rows + 1]
+        torch.cumsum(kv_lens, dim=0, dtype=torch.int32, out=kv_indptr[1:])
+        num_keys = int(sum(forward_batch.extend_prefix_lens_cpu[first_row:batch_size])) + num_rows
+        kv_indices = self._scratch("cuda_graph_kv_indices", (num_keys,), torch.int64)
+        create_flashinfer_kv_indices_triton[(num_rows,)](
+            self.req_to_token,
+            forward_batch.req_pool_indices[first_row:batch_size],
+            kv_lens,
+            kv_indptr,
+            None,
+            kv_indices,
+            self.req_to_token.stride(0),
+        )
+        if self._translate_kv_loc is not None:
+            kv_indices = self._translate_kv_loc(kv_indices)
+        num_kv_splits = self._decode_num_kv_splits[:num_rows]
+        self.get_num_kv_splits(num_kv_splits, kv_lens)
+        splits = (num_rows, self.num_head, self.max_kv_splits)
+        logits = splits + (self.v_head_dim,)
+        return DecodeRows(
+            first_row=first_row,
+            first_token=int(sum(forward_batch.extend_seq_lens_cpu[:first_row])),
+            num_rows=num_rows,
+            kv_indptr=kv_indptr,
+            kv_indices=kv_indices,
+            num_kv_splits=num_kv_splits,
+            attn_logits=self._scratch("cuda_graph_attn_logits", logits, torch.float32),
+            attn_lse=self._scratch("cuda_graph_attn_lse", splits, torch.float32),
+        )
+
+    def _scratch(self, graph_buffer: str, shape: tuple[int, ...], dtype) -> torch.Tensor:
+        """A prefix of the parent's decode CUDA-graph buffer when it exists and is big enough,
+        else a fresh tensor. Sharing is safe: a graph replay refills these before it reads them,
+        and eager steps and replays are ordered on one stream."""
+        buffer = getattr(self, graph_buffer, None)
+        if (
+            buffer is not None
+            and buffer.dtype == dtype
+            and buffer.shape[1:] == shape[1:]
+            and buffer.shape[0] >= shape[0]
+        ):
+            return buffer[: shape[0]]
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    # -- run (per layer) -----------------------------------------------------------------------
+
+    def forward_extend(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
+        rows = self.decode_rows
+        # The parent writes every new token's KV (decode rows' too) and runs the extend kernel
+        # over the prefill rows of its metadata; decode rows of `o` are left for us.
+        o = super().forward_extend(
+            q, k, v, layer, forward_batch, save_kv_cache,
+            sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+        )
+        if rows is None:
+            return o
+        start, end = rows.first_token, rows.first_token + rows.num_rows
+        if q.shape[0] < end:
+            raise RuntimeError(
+                f"batchllm attention: the step was planned for {end} query tokens "
+                f"({rows.num_rows} decode rows from token {start}) but this layer got "
+                f"{q.shape[0]}; init_forward_metadata was not called for this batch"
+            )
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            raise RuntimeError(
+                f"batchllm attention: layer {layer.layer_id} has a sliding window but the model "
+                "declared none; mixed decode rows cannot be planned for it"
+            )
+        if layer.k_scale is not None and layer.v_scale is not None:
+            k_descale, v_descale = layer.k_scale_float, layer.v_scale_float
+        else:
+            k_descale, v_descale = 1.0, 1.0
+        if aux_tensors is not None:
+            aux_tensors = [t[start:end] for t in aux_tensors]  # per query token, like q
+        self.decode_attention_fwd(
+            q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)[start:end],
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            o.view(-1, layer.tp_q_head_num, layer.v_head_dim)[start:end],
+            rows.kv_indptr,
+            rows.kv_indices,
+            rows.attn_logits,
+            rows.attn_lse,
+            rows.num_kv_splits,
+            self.max_kv_splits,
+            layer.scaling,
+            k_descale,
+            v_descale,
+            logit_cap=logit_capping_mod(layer.logit_capping_method, layer.logit_cap),
+            sinks=sinks,
+            xai_temperature_len=layer.xai_temperature_len,
+            has_mla=False,
+            use_pdl=self.use_pdl,
+            page_size=self.page_size,
+            score_mod=score_mod,
+            aux_tensors=aux_tensors,
+        )
+        return o
+
+
+def _leading_rows(forward_batch, num_rows: int):
+    """A shallow view of the batch's first `num_rows` rows for the parent's extend planner.
+    `out_cache_loc` stays whole: the parent derives the KV-write targets of all tokens from it."""
+    view = copy.copy(forward_batch)
+    view.batch_size = num_rows
+    view.req_pool_indices = forward_batch.req_pool_indices[:num_rows]
+    view.seq_lens = forward_batch.seq_lens[:num_rows]
+    if forward_batch.seq_lens_cpu is not None:
+        view.seq_lens_cpu = forward_batch.seq_lens_cpu[:num_rows]
+        view.seq_lens_sum = int(view.seq_lens_cpu.sum())
+    else:
+        view.seq_lens_sum = None
+    view.extend_prefix_lens = forward_batch.extend_prefix_lens[:num_rows]
+    view.extend_seq_lens = forward_batch.extend_seq_lens[:num_rows]
+    view.extend_prefix_lens_cpu = forward_batch.extend_prefix_lens_cpu[:num_rows]
+    view.extend_seq_lens_cpu = forward_batch.extend_seq_lens_cpu[:num_rows]
+    return view
+
+
+def create_batchllm_backend(runner):
+    """Attention-registry factory (`--attention-backend batchllm`)."""
+    if runner.model_config.is_encoder_decoder:
+        raise ValueError(
+            "the batchllm attention backend extends the Triton backend, which has no cross "
+            "attention; use --attention-backend flashinfer for encoder-decoder models"
+        )
+    return BatchLLMAttnBackend(runner)
+
+
+def register() -> None:
+    """Make `batchllm` an attention backend: in the registry (needed in the scheduler process)
+    and among the CLI choices (needed before argparse builds its parser). Idempotent:
+    `add_attention_backend_choices` itself appends blindly, so membership is checked first."""
+    from sglang.srt import server_args
+    from sglang.srt.layers.attention.attention_registry import (
+        ATTENTION_BACKENDS,
+        register_attention_backend,
+    )
+
+    if ATTENTION_BACKENDS.get(BACKEND_NAME) is not create_batchllm_backend:
+        register_attention_backend(BACKEND_NAME)(create_batchllm_backend)
+    if BACKEND_NAME not in server_args.ATTENTION_BACKEND_CHOICES:
+        server_args.add_attention_backend_choices([BACKEND_NAME])

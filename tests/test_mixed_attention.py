@@ -1,0 +1,443 @@
+"""`batchllm` attention backend: MIXED steps with decode rows on the decode kernel.
+
+Each synthetic step is checked against a plain fp32 torch reference (causal attention over each
+request's full context) and against SGLang's own Triton backend on the same step. Without CUDA,
+SGLang's Triton kernels run under TRITON_INTERPRET=1 on the CPU in fp32; the variable has to be
+set before `triton.jit` decorates them, so this module sets it before importing SGLang, and when
+an earlier test module already imported them compiled, `test_cpu_suite_in_fresh_interpreter`
+reruns this file in a fresh interpreter. With CUDA the same tests run natively in bf16, and the
+`gpu`-marked test adds a realistic size and prints a timing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triton.runtime.interpreter import InterpretedFunction
+
+from sglang.kernels.ops.attention import decode_attention, extend_attention
+from sglang.kernels.ops.kvcache import kv_indices
+from sglang.srt.configs.model_config import AttentionArch
+from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+from sglang.srt.layers.attention.triton_backend import TritonAttnBackend
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.cuda_graph_config import Backend, CudaGraphConfig, PhaseConfig
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.runtime_context import get_context, get_parallel
+
+from sglang_batchllm.runtime import attention_backend as batchllm
+from sglang_batchllm.runtime.attention_backend import (
+    BatchLLMAttnBackend,
+    count_decode_rows,
+    mixed_fallback_reason,
+)
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPE = torch.bfloat16 if CUDA else torch.float32  # numpy (the interpreter) has no bf16 dot
+TOLERANCE = 1e-2 if CUDA else 2e-5  # relative error (norm); fp32 interpreter dots are exact fp32
+SM_SCALE = 0.21
+gpu = pytest.mark.gpu
+
+# Compiled kernels on a CPU-only machine: an earlier test module imported SGLang's kernels
+# before TRITON_INTERPRET was set, so they cannot run here (see the fresh-interpreter test).
+_KERNELS = (
+    decode_attention._fwd_grouped_kernel_stage1,
+    decode_attention._fwd_kernel_stage2,
+    extend_attention._fwd_kernel,
+    kv_indices.create_flashinfer_kv_indices_triton,
+)
+_STALE_KERNELS = not CUDA and not all(isinstance(k, InterpretedFunction) for k in _KERNELS)
+needs_kernels = pytest.mark.skipif(
+    _STALE_KERNELS, reason="SGLang's kernels were imported compiled; rerun in a fresh interpreter"
+)
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.mark.skipif(not _STALE_KERNELS, reason="this interpreter runs the kernels itself")
+def test_cpu_suite_in_fresh_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure rules
+
+
+@pytest.mark.parametrize(
+    "extend_lens, expected",
+    [
+        ([37, 19, 1, 1, 1], 3),  # mix_with_running appends one-token decode rows
+        ([37, 1], 1),
+        ([37, 19], 0),  # no decode rows: the parent's path
+        ([23, 1, 1, 5, 1, 1], 2),  # only the trailing run counts
+        ([1, 1, 1], 2),  # a one-token prefill row first: one row stays on the extend path
+        ([1], 0),
+    ],
+)
+def test_count_decode_rows(extend_lens, expected):
+    assert count_decode_rows(extend_lens) == expected
+    assert count_decode_rows(torch.tensor(extend_lens)) == expected
+
+
+def test_mixed_fallback_reason_names_each_feature():
+    base = dict(use_mla=False, sliding_window=False, encoder_decoder=False, speculative=False,
+                dcp_size=1, deterministic=False)
+    assert mixed_fallback_reason(**base) is None
+    for key, value, word in [
+        ("use_mla", True, "MLA"), ("sliding_window", True, "sliding"),
+        ("encoder_decoder", True, "encoder"), ("speculative", True, "speculative"),
+        ("dcp_size", 2, "context parallel"), ("deterministic", True, "deterministic"),
+    ]:
+        assert word in mixed_fallback_reason(**{**base, key: value})
+
+
+def test_register_is_idempotent_and_the_cli_accepts_the_name():
+    from sglang.srt import server_args
+
+    batchllm.register()
+    batchllm.register()
+    assert ATTENTION_BACKENDS["batchllm"] is batchllm.create_batchllm_backend
+    assert server_args.ATTENTION_BACKEND_CHOICES.count("batchllm") == 1
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    args = parser.parse_args(["--model-path", "m", "--attention-backend", "batchllm"])
+    assert args.attention_backend == "batchllm"
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic steps
+
+
+class _TinyModelConfig:
+    attention_arch = AttentionArch.MHA
+    swa_v_head_dim = None
+    is_encoder_decoder = False
+    linear_attn_registry_result = None
+
+    def __init__(self, num_q_heads, num_kv_heads, head_dim, context_len):
+        self.num_q_heads, self.num_kv_heads = num_q_heads, num_kv_heads
+        self.v_head_dim = head_dim
+        self.context_len = context_len
+        self.hf_config = SimpleNamespace(architectures=["TinyForCausalLM"])
+        self.hf_config.get_text_config = lambda: self.hf_config
+        self.hf_text_config = self.hf_config
+
+    def get_max_num_attention_heads(self):
+        return self.num_q_heads
+
+    def get_num_kv_heads(self, tp_size):
+        return self.num_kv_heads // tp_size
+
+
+@pytest.fixture
+def published_config():
+    """The process-wide config the Triton backend reads (spec bag, CUDA-graph phases)."""
+    graphs = CudaGraphConfig(
+        decode=PhaseConfig(backend=Backend.DISABLED), prefill=PhaseConfig(backend=Backend.DISABLED)
+    )
+    with get_parallel().override(attn_tp_size=1), get_context().override_server_args(
+        attention_backend="batchllm", chunked_prefill_size=8192, enable_mixed_chunk=True,
+        cuda_graph_config=graphs, enable_deterministic_inference=False,
+        speculative_algorithm=None, speculative_eagle_topk=0, speculative_num_draft_tokens=0,
+        speculative_num_steps=0, triton_attention_num_kv_splits=8,
+        triton_attention_split_tile_size=None, tp_size=1, dp_size=1, pp_size=1,
+    ) as server_args:
+        yield server_args
+
+
+def _runner(server_args, *, num_q_heads=8, num_kv_heads=2, head_dim=16, max_reqs=8,
+            context_len=256, pool_size=2048, page_size=1, is_draft_worker=False):
+    pool = MHATokenToKVPool(
+        size=pool_size, page_size=page_size, dtype=DTYPE, head_num=num_kv_heads,
+        head_dim=head_dim, layer_num=1, device=DEVICE, enable_memory_saver=False,
+        enable_alt_stream=False,
+    )
+    pool.get_key_buffer(0).fill_(float("nan"))  # unowned slots: a stray read shows
+    pool.get_value_buffer(0).fill_(float("nan"))
+    return SimpleNamespace(
+        model_config=_TinyModelConfig(num_q_heads, num_kv_heads, head_dim, context_len),
+        server_args=server_args,
+        req_to_token_pool=ReqToTokenPool(max_reqs, context_len, DEVICE, False),
+        token_to_kv_pool=pool,
+        token_to_kv_pool_allocator=SimpleNamespace(page_size=page_size),
+        sliding_window_size=None, page_size=page_size, device=DEVICE, gpu_id=0,
+        is_draft_worker=is_draft_worker,
+    )
+
+
+@dataclass
+class Step:
+    batch: ForwardBatch
+    q: torch.Tensor  # [T, Hq * D], this step's query tokens
+    k: torch.Tensor  # [T, Hkv, D], their keys and values (written by the backend)
+    v: torch.Tensor
+    reference: torch.Tensor  # [T, Hq * D] fp32
+    layer: RadixAttention
+
+
+def _make_step(runner, rows, *, mode=ForwardMode.MIXED, seed=0, logit_cap=0.0, sinks=None):
+    """rows: (prefix_len, extend_len) per request; a decode row is (context - 1, 1). Prefix KV
+    goes to random slots of the pool; requests sit in shuffled req_to_token rows."""
+    config = runner.model_config
+    hq, hkv, d = config.num_q_heads, config.num_kv_heads, config.v_head_dim
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(p + e for p, e in rows)
+    pool = runner.token_to_kv_pool
+    slots = (torch.randperm(pool.size - 1, generator=gen)[:total] + 1).tolist()
+    pool_rows = (torch.randperm(runner.req_to_token_pool.size, generator=gen)[: len(rows)] + 1)
+    k_buf, v_buf = pool.get_key_buffer(0), pool.get_value_buffer(0)
+    qs, ks, vs, refs, out_loc = [], [], [], [], []
+    for (prefix, extend), pool_row in zip(rows, pool_rows.tolist()):
+        length = prefix + extend
+        row_slots = slots[:length]
+        del slots[:length]
+        keys = torch.randn(length, hkv, d, generator=gen)
+        values = torch.randn(length, hkv, d, generator=gen)
+        query = torch.randn(extend, hq, d, generator=gen)
+        keys, values, query = (t.to(DTYPE).float() for t in (keys, values, query))
+        runner.req_to_token_pool.req_to_token[pool_row, :length] = torch.tensor(row_slots)
+        k_buf[row_slots[:prefix]] = keys[:prefix].to(DEVICE, DTYPE)
+        v_buf[row_slots[:prefix]] = values[:prefix].to(DEVICE, DTYPE)
+        refs.append(_reference(query, keys, values, prefix, logit_cap, sinks))
+        qs.append(query)
+        ks.append(keys[prefix:])
+        vs.append(values[prefix:])
+        out_loc += row_slots[prefix:]
+    prefix_lens = [p for p, _ in rows]
+    extend_lens = [e for _, e in rows]
+    seq_lens = [p + e for p, e in rows]
+    on = dict(device=DEVICE)
+    batch = ForwardBatch(
+        forward_mode=mode, batch_size=len(rows),
+        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, **on),
+        req_pool_indices=pool_rows.to(DEVICE), seq_lens=torch.tensor(seq_lens, **on),
+        seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=sum(seq_lens),
+        out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, **on),
+        positions=torch.cat([torch.arange(p, p + e) for p, e in rows]).to(DEVICE),
+    )
+    if not mode.is_decode():
+        batch.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, **on)
+        batch.extend_seq_lens = torch.tensor(extend_lens, dtype=torch.int32, **on)
+        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = prefix_lens, extend_lens
+        batch.extend_num_tokens = sum(extend_lens)
+    layer = RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0, logit_cap=logit_cap)
+    return Step(
+        batch=batch,
+        q=torch.cat(qs).reshape(-1, hq * d).to(DEVICE, DTYPE),
+        k=torch.cat(ks).to(DEVICE, DTYPE),
+        v=torch.cat(vs).to(DEVICE, DTYPE),
+        reference=torch.cat(refs).reshape(-1, hq * d),
+        layer=layer,
+    )
+
+
+def _reference(query, keys, values, prefix, logit_cap=0.0, sinks=None):
+    """fp32 causal attention of `query` (the last tokens of the context) over `keys`/`values`."""
+    query, keys, values = (t.to(DEVICE) for t in (query, keys, values))
+    extend, hq, _ = query.shape
+    group = hq // keys.shape[1]
+    k = keys.repeat_interleave(group, dim=1)  # [L, Hq, D]
+    v = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query, k) * SM_SCALE
+    if logit_cap > 0:
+        scores = logit_cap * torch.tanh(scores / logit_cap)
+    positions = torch.arange(prefix, prefix + extend, device=DEVICE)
+    visible = torch.arange(keys.shape[0], device=DEVICE)[None, :] <= positions[:, None]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # one extra logit per head with value 0
+        sink = sinks.float()[:, None, None].expand(hq, extend, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).cpu()
+
+
+def _run(backend, step, **kwargs):
+    backend.init_forward_metadata(step.batch)
+    return backend.forward(step.q, step.k, step.v, step.layer, step.batch, **kwargs)
+
+
+def _rel_err(out, ref):
+    return ((out.float().cpu() - ref).norm() / ref.norm()).item()
+
+
+def _check_mixed(runner, rows, *, num_decode_rows, **step_kwargs):
+    """Ours against the reference and against the parent on one MIXED step."""
+    kwargs = {k: v for k, v in step_kwargs.items() if k == "sinks" and v is not None}
+    step = _make_step(runner, rows, **step_kwargs)
+    ours = BatchLLMAttnBackend(runner)
+    out = _run(ours, step, **kwargs)
+    plan = ours.decode_rows
+    assert plan is not None and plan.num_rows == num_decode_rows
+    first_token = sum(e for _, e in rows[: len(rows) - num_decode_rows])
+    assert plan.first_token == first_token
+    assert torch.isfinite(out).all(), "an output element was not written (or a bad slot read)"
+    assert _rel_err(out, step.reference) < TOLERANCE
+
+    parent = _run(TritonAttnBackend(runner), step, **kwargs)
+    # prefill rows: the same kernel over the same metadata, bit for bit
+    assert torch.equal(out[:first_token], parent[:first_token])
+    # decode rows: split-KV vs one pass, equal up to rounding
+    assert _rel_err(out[first_token:], parent[first_token:].float().cpu()) < TOLERANCE
+    return out
+
+
+@needs_kernels
+def test_mixed_step_matches_reference_and_parent(published_config):
+    runner = _runner(published_config)
+    # one prefill row without a prefix, one with a cached prefix, 3 decode rows (5..133 keys:
+    # 133 is split 5 ways by the decode kernel)
+    rows = [(0, 37), (21, 19), (4, 1), (69, 1), (132, 1)]
+    _check_mixed(runner, rows, num_decode_rows=3)
+
+
+@needs_kernels
+def test_one_prefill_row_one_decode_row(published_config):
+    _check_mixed(_runner(published_config), [(10, 17), (45, 1)], num_decode_rows=1, seed=1)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "rows, num_decode_rows",
+    [
+        # one-token prefill rows (a prompt cached up to its last token, a one-token prompt)
+        # right before the decode rows are served by the decode kernel too
+        ([(0, 23), (30, 1), (0, 1), (39, 1), (8, 1)], 4),
+        ([(12, 1), (39, 1)], 1),  # only one-token rows: the first stays on the extend path
+    ],
+)
+def test_one_token_prefill_rows_take_the_decode_path(published_config, rows, num_decode_rows):
+    _check_mixed(_runner(published_config), rows, num_decode_rows=num_decode_rows, seed=2)
+
+
+@needs_kernels
+def test_logit_cap_and_sinks(published_config):
+    sinks = torch.linspace(-1.0, 2.0, 8, device=DEVICE, dtype=torch.float32)
+    rows = [(0, 21), (7, 9), (50, 1), (3, 1)]
+    _check_mixed(_runner(published_config), rows, num_decode_rows=2, seed=3, logit_cap=3.0,
+                 sinks=sinks)
+
+
+@needs_kernels
+def test_page_size_16(published_config):
+    runner = _runner(published_config, page_size=16)
+    _check_mixed(runner, [(16, 20), (47, 1), (80, 1)], num_decode_rows=2, seed=4)
+
+
+@needs_kernels
+def test_score_mod_sees_each_tokens_aux_row(published_config):
+    from sglang.kernels.ops.attention.score_mod import relative_bias_score_mod
+
+    runner = _runner(published_config)
+    step = _make_step(runner, [(5, 12), (30, 1), (70, 1)], seed=5)
+    gen = torch.Generator().manual_seed(6)
+    aux = torch.randn(step.q.shape[0], 8, 16, generator=gen).to(DEVICE)  # [tokens, Hq, window]
+    kwargs = dict(score_mod=relative_bias_score_mod, aux_tensors=[aux])
+    out = _run(BatchLLMAttnBackend(runner), step, **kwargs)
+    parent = _run(TritonAttnBackend(runner), step, **kwargs)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, parent.float().cpu()) < TOLERANCE
+    assert _rel_err(out, step.reference) > 10 * TOLERANCE  # the bias did change the result
+
+
+@needs_kernels
+def test_decode_graph_buffers_serve_as_scratch(published_config):
+    runner = _runner(published_config)
+    ours = BatchLLMAttnBackend(runner)
+    ours.init_cuda_graph_state(max_bs=4, max_num_tokens=4)
+    step = _make_step(runner, [(0, 30), (40, 1), (9, 1)], seed=11)
+    out = _run(ours, step)
+    plan = ours.decode_rows
+    assert plan.attn_logits.data_ptr() == ours.cuda_graph_attn_logits.data_ptr()
+    assert plan.attn_lse.data_ptr() == ours.cuda_graph_attn_lse.data_ptr()
+    assert plan.kv_indices.data_ptr() == ours.cuda_graph_kv_indices.data_ptr()
+    assert _rel_err(out, step.reference) < TOLERANCE
+    # a graph replay plans through the parent only: no stale plan survives it
+    decode = _make_step(runner, [(40, 1), (9, 1)], mode=ForwardMode.DECODE, seed=12)
+    ours.init_forward_metadata_out_graph(decode.batch)
+    assert ours.decode_rows is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE])
+def test_other_modes_are_the_parents_bit_for_bit(published_config, mode):
+    runner = _runner(published_config)
+    rows = [(0, 37), (21, 19), (9, 1)] if mode == ForwardMode.EXTEND else [(4, 1), (69, 1)]
+    step = _make_step(runner, rows, mode=mode, seed=7)
+    ours = BatchLLMAttnBackend(runner)
+    out = _run(ours, step)
+    assert ours.decode_rows is None
+    assert torch.equal(out, _run(TritonAttnBackend(runner), step))
+    assert _rel_err(out, step.reference) < TOLERANCE
+
+
+@needs_kernels
+def test_unsupported_feature_falls_back_with_one_warning(published_config, caplog):
+    runner = _runner(published_config, is_draft_worker=True)  # a speculative draft runner
+    with caplog.at_level(logging.WARNING, logger=batchllm.__name__):
+        ours = BatchLLMAttnBackend(runner)
+    lines = [r.getMessage() for r in caplog.records if r.name == batchllm.__name__]
+    assert len(lines) == 1 and "speculative" in lines[0]
+    step = _make_step(runner, [(0, 20), (30, 1)], seed=8)
+    out = _run(ours, step)
+    assert ours.decode_rows is None
+    assert torch.equal(out, _run(TritonAttnBackend(runner), step))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: realistic size, and a timing (printed, not asserted)
+
+
+@gpu
+def test_gpu_realistic_mixed_step(published_config):
+    import triton.testing
+
+    runner = _runner(
+        published_config, num_q_heads=32, num_kv_heads=8, head_dim=128, max_reqs=300,
+        context_len=4096, pool_size=600_000,
+    )
+    gen = torch.Generator().manual_seed(9)
+    prefill = [(0, 2048), (512, 2000), (1024, 2100), (0, 2304)]
+    decode = [(int(c) - 1, 1) for c in torch.randint(2100, 2300, (256,), generator=gen)]
+    step = _make_step(runner, prefill + decode, seed=10)
+    ours, parent = BatchLLMAttnBackend(runner), TritonAttnBackend(runner)
+    out = _run(ours, step)
+    reference_out = _run(parent, step)
+    first_token = sum(e for _, e in prefill)
+    assert ours.decode_rows.num_rows == 256 and ours.decode_rows.first_token == first_token
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, step.reference) < TOLERANCE
+    assert torch.equal(out[:first_token], reference_out[:first_token])
+    assert _rel_err(out[first_token:], reference_out[first_token:].float().cpu()) < TOLERANCE
+
+    def layer(backend):
+        return lambda: backend.forward(step.q, step.k, step.v, step.layer, step.batch)
+
+    results = {}
+    for name, backend in [("triton (parent)", parent), ("batchllm", ours)]:
+        plan_ms = triton.testing.do_bench(lambda: backend.init_forward_metadata(step.batch))
+        backend.init_forward_metadata(step.batch)
+        results[name] = (plan_ms, triton.testing.do_bench(layer(backend)))
+    print(f"\nMIXED step: 4 prefill rows ({first_token} tokens) + 256 decode rows (~2200 keys), "
+          "32/8 heads, head_dim 128, bf16, one layer (KV write + attention)")
+    for name, (plan_ms, layer_ms) in results.items():
+        print(f"  {name:16s} per layer {layer_ms:.3f} ms   plan per step {plan_ms:.3f} ms")
+    speedup = results["triton (parent)"][1] / results["batchllm"][1]
+    print(f"  per-layer speedup {speedup:.2f}x")
