@@ -34,14 +34,24 @@ def add_batchllm_flags(parser: argparse.ArgumentParser) -> None:
     )
     defaults = BatchLLMConfig()
     for f in cli_fields():
+        is_bool = f.type in ("bool", bool)
         group.add_argument(
             flag_name(f.name),
             dest=f"batchllm_{f.name}",
-            type=int,
+            type=_parse_bool if is_bool else int,
             default=None,  # None = not given on the command line: keep the environment's value
-            metavar="N",
+            metavar="0|1" if is_bool else "N",
             help=f"{f.metadata['help']} Default: {getattr(defaults, f.name)}.",
         )
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
 
 
 def config_from_args(args: argparse.Namespace, base: BatchLLMConfig) -> BatchLLMConfig:

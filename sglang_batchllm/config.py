@@ -58,6 +58,21 @@ class BatchLLMConfig:
         ),
     )
 
+    schedule: bool = field(
+        default=True,
+        metadata=_setting(
+            "Run the plan in SGLang's scheduler: prefix-first admission, pinned group prefixes, "
+            "memory-reserving admission (0 = plugin on, vanilla scheduling; for comparisons).",
+        ),
+    )
+    mixed: bool = field(
+        default=True,
+        metadata=_setting(
+            "Let running decodes ride with every prefill chunk (mixed steps; needs "
+            "--attention-backend batchllm, which runs their attention with the decode kernel).",
+        ),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

@@ -15,6 +15,7 @@ from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 from sglang_batchllm import bundled_model
 from sglang_batchllm.compat import check_sglang_version
 from sglang_batchllm.config import BatchLLMConfig, ConfigError
+from sglang_batchllm.defaults import with_default_kwargs
 from sglang_batchllm.plugin import require_entry_point
 
 _KW_PREFIX = "batchllm_"
@@ -44,6 +45,7 @@ class Engine(_SGLangEngine):
         if "server_args" not in kwargs and kwargs.get("model_path") is None:
             kwargs["model_path"] = bundled_model.model_dir()
             kwargs.setdefault("load_format", "dummy")
+        kwargs = with_default_kwargs(kwargs)
         self.batchllm_config = config
         # The scheduler processes are spawned inside super().__init__ and inherit the
         # environment at that moment; restore it afterwards so that a plain sglang.Engine

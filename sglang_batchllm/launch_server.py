@@ -13,6 +13,7 @@ import sys
 from sglang_batchllm import bundled_model
 from sglang_batchllm.compat import check_sglang_version
 from sglang_batchllm.config import env_name
+from sglang_batchllm.defaults import with_default_flags
 from sglang_batchllm.plugin import require_entry_point
 
 _MODEL_FLAGS = ("--model-path", "--model", "--config")
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
+    if not _given(argv, _HELP_FLAGS):
+        argv = with_default_flags(argv)
     server_args = prepare_server_args(with_default_model(argv))
     try:
         run_server(server_args)

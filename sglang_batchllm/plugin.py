@@ -40,7 +40,11 @@ def register() -> None:
         raise SystemExit(f"sglang_batchllm: {err}") from None
 
     from sglang_batchllm import patches
+    from sglang_batchllm.runtime import attention_backend, pinned_cache
 
+    # official seams: SGLang's radix-cache and attention-backend registries
+    pinned_cache.register()
+    attention_backend.register()
     installed = patches.install_all(config)
     _active_config = config
     logger.info("sglang_batchllm enabled (%s); patches: %s", config, ", ".join(installed) or "none")

@@ -77,11 +77,26 @@ def test_inert_even_with_other_batchllm_variables_set():
 
 def test_enabled_registers_patches_without_cuda():
     result = _probe({"SGLANG_BATCHLLM_ENABLE": "1"})
-    assert result["our_hooks"] == [
-        "sglang.srt.server_args.ServerArgs.add_cli_args",
-        "sglang.srt.server_args.ServerArgs.from_cli_args",
-    ]
+    assert result["our_hooks"] == sorted(ENABLED_HOOKS)
     assert not result["cuda_initialized"]
+
+
+def test_schedule_off_keeps_only_the_flags():
+    result = _probe({"SGLANG_BATCHLLM_ENABLE": "1", "SGLANG_BATCHLLM_SCHEDULE": "0"})
+    assert result["our_hooks"] == sorted(FLAG_HOOKS)
+
+
+FLAG_HOOKS = [
+    "sglang.srt.server_args.ServerArgs.add_cli_args",
+    "sglang.srt.server_args.ServerArgs.from_cli_args",
+]
+ENABLED_HOOKS = FLAG_HOOKS + [
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._should_use_batch_tokenization",
+    "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
+    "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
+    "sglang.srt.mem_cache.common.release_kv_cache",
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+]
 
 
 def test_register_is_idempotent():
@@ -94,7 +109,7 @@ def test_register_is_idempotent():
          for t, h in HookRegistry._hooks.items()}
     n = {t: c for t, c in n.items() if c}
     print(n)
-    assert all(v == 1 for v in n.values()) and len(n) == 2, n
+    assert all(v == 1 for v in n.values()) and len(n) == 7, n
     """
     out = _run(code, {"SGLANG_BATCHLLM_ENABLE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

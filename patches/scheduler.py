@@ -1,0 +1,140 @@
+"""Run the global prefix plan inside SGLang's scheduler (`runtime/scheduler.py` does the work).
+
+Targets (SGLang 0.5.17):
+- `Scheduler._get_new_batch_prefill_raw`, AROUND: the adapter shows SGLang only the waiting
+  requests the policy admits, in the policy's order, while SGLang's own PrefillAdder builds the
+  batch (token budget, request slots, chunking, radix matching stay SGLang's). With mixed
+  steps on, the decode rows are added to the prefill token budget instead of taken from it.
+- `Scheduler._add_request_to_queue`, AFTER: arrivals and retracted requests coming back.
+- `sglang.srt.mem_cache.common.release_kv_cache`, AROUND: a request's KV was released
+  (finished, aborted, retracted); HookRegistry propagates it to every module that imported it.
+- `ScheduleBatch.retract_decode`, AFTER: counts retractions.
+
+Why no official seam serves: SGLang 0.5.17 has no scheduling-policy plugin point that sees the
+KV pool and can hold requests back (`SchedulePolicy.calc_priority` only sorts the queue, and
+everything in the queue is then tried), and no request-lifecycle callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from sglang_batchllm.compat import SUPPORTED_SGLANG_VERSION
+from sglang_batchllm.config import BatchLLMConfig
+from sglang_batchllm.patches import Patch
+
+logger = logging.getLogger(__name__)
+
+MIXED_ATTENTION_BACKENDS = ("batchllm",)  # backends whose MIXED steps run decode rows as decode
+
+_config: BatchLLMConfig | None = None
+_adapter = None  # the one SchedulerAdapter of this scheduler process
+
+
+def _get_adapter(scheduler):
+    global _adapter
+    if _adapter is None:
+        from sglang_batchllm.runtime.scheduler import AdapterSettings, SchedulerAdapter
+
+        settings = AdapterSettings(
+            page_size=scheduler.page_size,
+            capacity=int(scheduler.max_total_num_tokens),
+            levels=_config.levels,
+            min_prefix_tokens=_config.min_prefix_tokens,
+        )
+        _adapter = SchedulerAdapter(settings, scheduler.tree_cache, tp_rank=scheduler.tp_rank)
+        if scheduler.server_args.enable_metrics:
+            from sglang_batchllm.runtime.metrics import BatchLLMMetrics
+
+            _adapter.metrics = BatchLLMMetrics({"tp_rank": str(scheduler.tp_rank)})
+        _setup_mixed(scheduler)
+    return _adapter
+
+
+def _setup_mixed(scheduler) -> None:
+    backend = scheduler.server_args.attention_backend
+    if not _config.mixed:
+        return
+    if scheduler.chunked_prefill_size is None:
+        logger.warning("sglang_batchllm: mixed steps off: they need chunked prefill (--chunked-prefill-size > 0)")
+        return
+    if backend not in MIXED_ATTENTION_BACKENDS:
+        logger.warning(
+            "sglang_batchllm: mixed steps off: attention backend %r runs the decode rows of a mixed step "
+            "through its prefill kernel (2x slower measured on SGLang's triton backend); use "
+            "--attention-backend batchllm, or --batchllm-mixed 0 to silence this", backend)
+        return
+    scheduler.is_mixed_chunk = True
+    if scheduler.tp_rank == 0:
+        logger.info("sglang_batchllm: mixed steps on: running decodes ride with every prefill chunk")
+
+
+def _around_prefill_raw(original, self, *args, **kwargs):
+    adapter = _get_adapter(self)
+    running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
+    bump = len(running_batch.reqs) if (self.is_mixed_chunk and running_batch is not None) else 0
+    saved = (self.chunked_prefill_size, self.max_prefill_tokens)
+    if bump:
+        # PrefillAdder takes the mixed decode rows out of the prefill budgets; give them back:
+        # a decode row is one token of matmul work, not a prefill-sized slice of the chunk.
+        self.chunked_prefill_size += bump
+        self.max_prefill_tokens += bump
+    try:
+        return adapter.prefill_round(self, running_batch, lambda: original(self, *args, **kwargs))
+    finally:
+        self.chunked_prefill_size, self.max_prefill_tokens = saved
+
+
+def _after_add_request_to_queue(result, self, req, is_retracted=False, *args, **kwargs):
+    queue = self.waiting_queue
+    if queue and queue[-1] is req:  # SGLang may refuse it (queue limit, priority rules)
+        _get_adapter(self).on_queued(req, is_retracted)
+    return result
+
+
+def _around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
+    result = original(req, tree_cache, *args, **kwargs)
+    if _adapter is not None:
+        _adapter.on_released(req)
+    return result
+
+
+def _after_retract_decode(result, self, *args, **kwargs):
+    if _adapter is not None and result:
+        _adapter.on_retract(len(result[0]))
+    return result
+
+
+def _install(config: BatchLLMConfig) -> None:
+    global _config
+    _config = config
+    if not config.schedule:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    sched = "sglang.srt.managers.scheduler.Scheduler"
+    HookRegistry.register(f"{sched}._get_new_batch_prefill_raw", _around_prefill_raw, HookType.AROUND)
+    HookRegistry.register(f"{sched}._add_request_to_queue", _after_add_request_to_queue, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", _around_release_kv_cache, HookType.AROUND)
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract_decode, HookType.AFTER
+    )
+
+
+def adapter():
+    """This process's adapter (None before the first scheduling round or when inactive)."""
+    return _adapter
+
+
+PATCH = Patch(
+    name="scheduler",
+    targets=(
+        "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
+        "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
+        "sglang.srt.mem_cache.common.release_kv_cache",
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+    ),
+    sglang_version=SUPPORTED_SGLANG_VERSION,
+    why_no_seam="no scheduling-policy seam can hold requests back by KV memory; no request-lifecycle callbacks",
+    install=_install,
+)
