@@ -55,6 +55,9 @@ def _setup_mixed(scheduler) -> None:
     backend = scheduler.server_args.attention_backend
     if not _config.mixed:
         return
+    if not scheduler.spec_algorithm.is_none() or scheduler.dllm_config is not None:
+        logger.warning("sglang_batchllm: mixed steps off: SGLang does not mix with speculative decoding or dLLM")
+        return
     if scheduler.chunked_prefill_size is None:
         logger.warning("sglang_batchllm: mixed steps off: they need chunked prefill (--chunked-prefill-size > 0)")
         return

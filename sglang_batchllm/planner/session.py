@@ -109,6 +109,7 @@ class PlanningSession:
         self._join_index: dict[bytes, list[int]] = {}  # join key -> gids of live shared groups
         self._join_key_lens: set[int] = set()  # key lengths in use (prefixes shorter than the key)
         self._next_gid = itertools.count()
+        self.pending = 0  # requests known and not admitted (kept in step with the groups' lists)
         self.batches = 0
         self.last_plan = None  # PlanMetrics of the last batch the planner ran over
         self.recomputations = 0  # prefix computed again after its first leader's KV was lost
@@ -177,6 +178,7 @@ class PlanningSession:
         self._members[req.rid] = Member(req.rid, req.prompt_len, req.max_new_tokens, gid)
         group = self._groups[gid]
         group.pending.append(req.rid)
+        self.pending += 1
         if group.state is not GroupState.WAITING:
             group.late.add(req.rid)
 
@@ -231,6 +233,7 @@ class PlanningSession:
         group is its leader: the group starts computing its prefix."""
         group = self._require(rid)
         group.pending.remove(rid)
+        self.pending -= 1
         group.late.discard(rid)
         group.running.add(rid)
         if group.state is GroupState.WAITING:
@@ -273,6 +276,7 @@ class PlanningSession:
         group = self._require(rid)
         group.running.discard(rid)
         group.pending.insert(0, rid)
+        self.pending += 1
         self.retractions += 1
         return []
 
@@ -281,6 +285,7 @@ class PlanningSession:
         group = self._require(rid)
         if rid in group.pending:
             group.pending.remove(rid)
+            self.pending -= 1
         group.late.discard(rid)
         group.running.discard(rid)
         del self._members[rid]
@@ -327,5 +332,6 @@ class PlanningSession:
             if not g.is_shared:
                 assert len(g.pending) + len(g.running) == 1, f"unshared group {gid} holds more than one request"
         assert set(seen) == set(self._members), "every known request is in exactly one live group"
+        assert self.pending == sum(len(g.pending) for g in self._groups.values()), "pending count out of step"
         indexed = sorted(gid for bucket in self._join_index.values() for gid in bucket)
         assert indexed == sorted(gid for gid, g in self._groups.items() if g.is_shared), "join index out of date"

@@ -131,6 +131,8 @@ class SchedulerAdapter:
     # ---- one prefill round -------------------------------------------------------------------
     def prefill_round(self, scheduler: Any, running_batch: Any, run: Callable[[], Any]) -> Any:
         self._plan_arrivals()
+        if self.session.pending == 0 and not self._unmanaged:
+            return run()  # nothing waits (a decode stretch): keep the step's CPU time flat
         self._forget_aborted(scheduler.waiting_queue)
         self._pin_cached_prefixes()
         pool = self.pool_view(scheduler, running_batch)
@@ -208,8 +210,7 @@ class SchedulerAdapter:
     def _forget_aborted(self, waiting_queue: list) -> None:
         """Requests SGLang dropped from the waiting queue without running them (abort_request,
         queue limits) leave the session, releasing their share of a pin."""
-        pending = sum(len(g.pending) for g in self.session.groups())
-        if pending <= len(waiting_queue):
+        if self.session.pending <= len(waiting_queue):
             return  # nothing vanished (the count is the cheap check; the set only when needed)
         queued = {r.rid for r in waiting_queue}
         for g in list(self.session.groups()):
@@ -219,6 +220,8 @@ class SchedulerAdapter:
 
     # ---- releases -------------------------------------------------------------------------
     def on_released(self, req: Any) -> None:
+        if req.finished():
+            self._unmanaged.discard(req.rid)
         if not req.finished() or req.rid not in self.session:
             return  # a retraction (the request comes back through on_queued) or not ours
         group = self.session.group_of(req.rid)
