@@ -93,25 +93,28 @@ def run_child(engine: str, model: str, batch_path: Path, out_path: Path, backend
     else:
         from sglang_batchllm import Engine
     e = Engine(**engine_kwargs(model, backend))
+    # Vanilla also returns the top-2 logprobs at every output position: where BatchLLM's
+    # output first differs, vanilla's path up to there is the same, so its margin there says
+    # whether the difference is a near-tie. BatchLLM runs without logprobs (SGLang does not
+    # mix decode rows into prefill steps when logprobs are asked for).
+    with_logprobs = engine == "vanilla"
     try:
         outs = e.generate(input_ids=[r["input_ids"] for r in reqs], rid=[r["rid"] for r in reqs],
                           sampling_params=[{"temperature": 0.0, "ignore_eos": True, "max_new_tokens": r["max_new_tokens"]}
-                                           for r in reqs])
+                                           for r in reqs],
+                          return_logprob=with_logprobs, top_logprobs_num=2 if with_logprobs else None)
         result = {r["rid"]: o["output_ids"] for r, o in zip(reqs, outs)}
         margins = {}
-        if engine == "vanilla" and os.environ.get("GREEDY_MARGINS"):
-            probes = json.loads(Path(os.environ["GREEDY_MARGINS"]).read_text())
-            for rid, ids in probes.items():
-                o = e.generate(input_ids=ids, sampling_params={"temperature": 0.0, "max_new_tokens": 1},
-                               return_logprob=True, top_logprobs_num=2)
-                top = o["meta_info"]["output_top_logprobs"][0]
-                margins[rid] = top[0][0] - top[1][0]
+        if with_logprobs:
+            for r, o in zip(reqs, outs):
+                margins[r["rid"]] = [top[0][0] - top[1][0] for top in o["meta_info"]["output_top_logprobs"]]
         out_path.write_text(json.dumps({"outputs": result, "margins": margins}))
     finally:
         e.shutdown()
 
 
 def _spawn(engine: str, model: Path, batch: Path, out: Path, backend: str | None, env_extra: dict | None = None) -> dict:
+    """One engine run in a child process of its own (SGLang loads plugins once per process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
     env.update(env_extra or {})
     cmd = [sys.executable, "-m", "sglang_batchllm.bench.greedy", "--child", engine, "--model", str(model),
@@ -152,14 +155,10 @@ def main(argv=None) -> int:
     batch = out / "batch.json"
     batch.write_text(json.dumps(reqs))
     ours = _spawn("batchllm", model, batch, out / "batchllm.json", a.backend, {"SGLANG_BATCHLLM_ENABLE": "1"})["outputs"]
-    vanilla = _spawn("vanilla", model, batch, out / "vanilla.json", a.backend)["outputs"]
+    plain = _spawn("vanilla", model, batch, out / "vanilla.json", a.backend)
+    vanilla = plain["outputs"]
     report = compare(vanilla, ours)
-    if report["first_divergence"]:
-        by_rid = {r["rid"]: r for r in reqs}
-        probes = {rid: by_rid[rid]["input_ids"] + vanilla[rid][:i] for rid, i in report["first_divergence"].items()}
-        (out / "probes.json").write_text(json.dumps(probes))
-        report["margins"] = _spawn("vanilla", model, batch, out / "margins.json", a.backend,
-                                   {"GREEDY_MARGINS": str(out / "probes.json")})["margins"]
+    report["margins"] = {rid: plain["margins"][rid][i] for rid, i in report["first_divergence"].items()}
     near_ties = sum(1 for m in report.get("margins", {}).values() if m < NEAR_TIE)
     report["near_ties"] = near_ties
     ok = report["identical"] >= MIN_EQUAL * report["requests"] and near_ties == len(report["first_divergence"])
