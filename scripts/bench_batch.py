@@ -1,8 +1,12 @@
 #!/usr/bin/env python
-"""Vanilla SGLang vs BatchLLM on the same GPU, model and requests; see docs/benchmarks.md.
+"""BatchLLM against vanilla SGLang, plain and driven by hand ("waves"), on the same GPU, model
+and requests; see docs/benchmarks.md.
 
     python scripts/bench_batch.py --quick
-    python scripts/bench_batch.py --workload authors --out bench-out/authors
+    # one arm per command (each fits a 10-minute GPU command); the last report has all three
+    python scripts/bench_batch.py --workload authors --out bench-out/authors --arms vanilla
+    python scripts/bench_batch.py --workload authors --out bench-out/authors --arms vanilla-waves
+    python scripts/bench_batch.py --workload authors --out bench-out/authors --arms batchllm
 """
 
 import sys

@@ -9,6 +9,7 @@ from sglang_batchllm.bench import cli
 from sglang_batchllm.bench.launch import vanilla_env
 
 SMALL = ["--fake-engine", "--bundled-model", "--workload", "control", "--scale", "0.02", "--matmul-tflops", "100", "--no-progress"]
+AUTHORS = SMALL[:3] + ["authors", "--scale", "0.01"] + SMALL[6:]  # 4 groups x 16, 2000 + 16 x (200 + 100) tokens each
 
 
 def test_bad_arguments_say_what_to_do(capsys):
@@ -53,11 +54,37 @@ def test_vanilla_env_leaves_batchllm_out():
 
 
 def test_plugin_problems():
-    ok = {"vanilla": {"scheduler": {"batchllm_active": False}}, "batchllm": {"scheduler": {"batchllm_active": True}}}
-    assert cli.plugin_problems(ok, ("vanilla", "batchllm"), ("vanilla", "batchllm")) == []
-    inert = {"vanilla": {"scheduler": {"batchllm_active": False}}, "batchllm": {"scheduler": {"batchllm_active": False}}}
-    (problem,) = cli.plugin_problems(inert, ("vanilla", "batchllm"), ("vanilla", "batchllm"))
+    ok = {"vanilla": {"scheduler": {"batchllm_active": False}}, "vanilla-waves": {"scheduler": {"batchllm_active": False}},
+          "batchllm": {"scheduler": {"batchllm_active": True}}}
+    assert cli.plugin_problems(ok) == []
+    inert = {**ok, "batchllm": {"scheduler": {"batchllm_active": False}}}
+    (problem,) = cli.plugin_problems(inert)
     assert "should be active in the batchllm run" in problem and "python -m pip install --no-deps -e ." in problem
+    leaked = {**ok, "vanilla-waves": {"scheduler": {"batchllm_active": True}}}
+    (problem,) = cli.plugin_problems(leaked)
+    assert "should be inactive in the vanilla-waves run" in problem
+
+
+def test_arms_option():
+    assert cli.parse_args([]).arms == ("vanilla", "vanilla-waves", "batchllm")
+    assert cli.parse_args(["--arms", "batchllm, vanilla"]).arms == ("batchllm", "vanilla")
+
+
+@pytest.mark.parametrize("text, message", [("vanilla,waves", "unknown arm(s) waves; choose from vanilla, vanilla-waves"),
+                                           ("vanilla,vanilla", "given twice"), (",", "(none given)")])
+def test_bad_arms_say_what_to_do(capsys, text, message):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--arms", text])
+    assert message in capsys.readouterr().err
+
+
+def test_fake_engine_gets_the_pool_cap_and_batchllm_settings_only():
+    args = cli.parse_args(["--fake-engine", "--engine-arg", "max_total_tokens=5000", "--engine-arg", "chunked_prefill_size=64",
+                           "--batchllm", "fake_flip=0.5"])
+    vanilla = cli.fake_engine_kwargs("vanilla", cli.engine_kwargs(args, "/m", "vanilla"))
+    batchllm = cli.fake_engine_kwargs("batchllm", cli.engine_kwargs(args, "/m", "batchllm"))
+    assert vanilla == {"fake_as": "vanilla", "max_total_tokens": 5000}
+    assert batchllm == {"fake_as": "batchllm", "max_total_tokens": 5000, "batchllm_fake_flip": 0.5}
 
 
 def test_dry_run_starts_nothing(tmp_path, capsys):
@@ -73,21 +100,74 @@ def test_fake_pipeline_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "Reproduce with: python scripts/bench_batch.py --fake-engine --bundled-model --workload control" in printed
     record = json.loads((out / "result.json").read_text())
-    assert record["ok"] and record["labels"] == ["vanilla", "batchllm"]
+    assert record["ok"] and record["arms"] == ["vanilla", "vanilla-waves", "batchllm"]
     (w,) = record["workloads"]
-    assert w["name"] == "control[x0.02]" and w["num_requests"] == 10 and w["outputs"]["identical"] == 10
+    assert w["name"] == "control[x0.02]" and w["num_requests"] == 10
+    assert w["outputs"]["batchllm"]["identical"] == w["outputs"]["vanilla-waves"]["identical"] == 10
+    assert set(w["ratios"]) == {"vanilla-waves", "batchllm"} and set(w["ratios"]["batchllm"]) == {"vanilla", "vanilla-waves"}
     assert w["runs"]["vanilla"]["prefill_tokens_computed"] == w["prompt_tokens"]
+    # control shares nothing: the waves driver sends everything in its final call
+    assert w["runs"]["vanilla-waves"]["driver"]["waves"] == 0 and w["runs"]["vanilla-waves"]["generate_calls"] == 1
     assert record["engines"]["batchllm"]["scheduler"]["batchllm_active"] is True
+    assert record["engines"]["vanilla-waves"]["driver"] == "waves"
     assert (out / "report.md").exists() and (out / "control_x0.02.png").exists()
 
-    # the same command with --resume reuses both engine runs
+    # the same command with --resume reuses every arm
     assert cli.main(SMALL + ["--out", str(out), "--resume"]) == 0
-    assert capsys.readouterr().out.count("reusing") == 2
+    assert capsys.readouterr().out.count("reusing") == 3
 
-    # re-render from the JSON alone
+    # re-render from the JSON alone; a record of the two-engine harness is refused
     (out / "report.md").unlink()
     assert cli.main(["--report-only", str(out / "result.json")]) == 0
     assert (out / "report.md").exists()
+    old = out / "old.json"
+    old.write_text(json.dumps({**record, "schema": 1}))
+    assert cli.main(["--report-only", str(old)]) == 2
+    assert "schema 1" in capsys.readouterr().err
+
+
+def test_arms_run_in_separate_commands_combine_into_one_report(tmp_path, capsys):
+    """How a full run fits 10-minute GPU commands: one arm per command, one report at the end."""
+    out = ["--out", str(tmp_path)]
+    assert cli.main(AUTHORS + out + ["--arms", "vanilla"]) == 0
+    first = json.loads((tmp_path / "result.json").read_text())
+    assert first["arms"] == ["vanilla"] and first["workloads"][0]["ratios"] == {}
+    assert cli.main(AUTHORS + out + ["--arms", "batchllm"]) == 0
+    assert "[vanilla] from an earlier command" in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["arms"] == ["vanilla", "batchllm"]
+
+    assert cli.main(AUTHORS + out + ["--arms", "vanilla-waves"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("from an earlier command") == 2 and "vs vanilla-waves" in printed
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["arms"] == ["vanilla", "vanilla-waves", "batchllm"] and record["ok"]
+    (w,) = record["workloads"]
+    assert set(w["ratios"]["batchllm"]) == {"vanilla", "vanilla-waves"} and set(w["ratios"]["vanilla-waves"]) == {"vanilla"}
+    assert set(w["outputs"]) == {"vanilla-waves", "batchllm"} and all(c["ok"] for c in w["outputs"].values())
+    waves = w["runs"]["vanilla-waves"]
+    assert waves["driver"]["groups"] == 4 and waves["generate_calls"] == 2  # one wave: leaders, then the rest
+    assert "--arms vanilla-waves" in record["engines"]["vanilla-waves"]["command"]
+    assert "--arms vanilla" in record["engines"]["vanilla"]["command"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| vs vanilla | vs vanilla-waves |" in md and "| authors[x0.01] | vanilla-waves |" in md
+    assert "BatchLLM peak pinned tokens / groups live" in md
+
+    # other settings: the earlier arms do not join (they ran other requests)
+    assert cli.main(AUTHORS + ["--seed", "1"] + out + ["--arms", "batchllm"]) == 0
+    assert "from an earlier command" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "result.json").read_text())["arms"] == ["batchllm"]
+
+
+def test_a_small_pool_makes_several_waves(tmp_path):
+    group_kv = 2000 + 16 * 300
+    pool = int(2 * group_kv / 0.9) + 1  # two groups fit into 90% of it
+    argv = AUTHORS + ["--out", str(tmp_path), "--arms", "vanilla,vanilla-waves", "--engine-arg", f"max_total_tokens={pool}"]
+    assert cli.main(argv) == 0
+    (w,) = json.loads((tmp_path / "result.json").read_text())["workloads"]
+    waves = w["runs"]["vanilla-waves"]
+    assert waves["driver"]["kv_pool_tokens"] == pool and waves["wave_groups"] == 2
+    assert waves["driver"]["groups_per_wave"] == [2, 2] and waves["generate_calls"] == 4
+    assert w["outputs"]["vanilla-waves"]["identical"] == 64
 
 
 def test_outputs_beyond_tolerance_exit_1(tmp_path, capsys):
@@ -103,7 +183,7 @@ def test_inactive_plugin_exits_2_and_keeps_the_report(tmp_path, capsys):
 
 
 def test_a_failing_engine_run_exits_2(tmp_path, capsys):
-    assert cli.main(SMALL + ["--out", str(tmp_path), "--batchllm", "fake_crash=true"]) == 2
+    assert cli.main(SMALL + ["--out", str(tmp_path), "--arms", "vanilla,batchllm", "--batchllm", "fake_crash=true"]) == 2
     err = capsys.readouterr().err
     assert "the batchllm run failed" in err and "Reproduce with:" in err
     assert (tmp_path / "raw" / "vanilla.json").exists()  # what finished is kept for --resume
@@ -120,7 +200,8 @@ def test_sigterm_stops_the_engine_process_too(tmp_path):
     import psutil
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_batch.py"
-    proc = subprocess.Popen([sys.executable, str(script), *SMALL, "--out", str(tmp_path), "--batchllm", "fake_step_sleep_s=0.05"],
+    proc = subprocess.Popen([sys.executable, str(script), *SMALL, "--out", str(tmp_path), "--arms", "vanilla,batchllm",
+                             "--batchllm", "fake_step_sleep_s=0.05"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     children = []

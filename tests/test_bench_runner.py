@@ -46,6 +46,19 @@ def test_runs_each_workload_as_one_batch(tmp_path, model, workloads):
         assert run.steps["decode_tokens"] == w.output_tokens - w.num_requests
         assert run.series["t"][0] >= 0 and run.series["t"][-1] <= run.wall_s
         assert run.steps["kv_total"] == 1_000_000
+        assert run.driver == {"driver": "one-call", "calls": 1}
+        assert "pinned_tokens" not in run.series and run.steps["peak_pinned_tokens"] is None  # a vanilla fake
+
+
+def test_batchllm_counters_cover_the_window_only(tmp_path, model, workloads):
+    """BatchLLM's counters are cumulative in the scheduler: each workload gets its own share."""
+    steps = tmp_path / "steps.jsonl"
+    engine = FakeEngine(str(steps), fake_as="batchllm", batch_size=1024)
+    authors, control = run_workloads(engine, workloads, steps, model.token_range())
+    assert authors.steps["batchllm_prefix_tokens_computed"] == 4 * 2000  # 4 groups, one batch: each prefix once
+    assert authors.steps["peak_groups_live"] == 4 and authors.steps["peak_pinned_tokens"] == 4 * 2000
+    assert control.steps["batchllm_prefix_tokens_computed"] == 0 and control.steps["peak_groups_live"] == 0
+    assert authors.series["pinned_tokens"][0] == 4 * 2000 and len(authors.series["groups_live"]) == authors.steps["steps"]
 
 
 def test_no_warmup_and_lines_progress(tmp_path, model, workloads, capsys):
@@ -59,13 +72,14 @@ def test_no_warmup_and_lines_progress(tmp_path, model, workloads, capsys):
 def test_engine_result_and_spec_round_trip(tmp_path, model, workloads):
     steps = tmp_path / "steps.jsonl"
     spec = RunSpec("fake", {"fake_as": "batchllm"}, bundled_model.model_dir(), [WorkloadSpec("control", scale=0.05).to_dict()],
-                   {workloads[1].name: workloads[1].fingerprint()}, str(steps), str(tmp_path / "r.json"))
+                   {workloads[1].name: workloads[1].fingerprint()}, str(steps), str(tmp_path / "r.json"), driver="waves")
     spec.save(tmp_path / "spec.json")
     assert RunSpec.load(tmp_path / "spec.json") == spec
     engine = ENGINES["fake"](spec.steps_path, spec.engine_kwargs)
-    runs = run_workloads(engine, workloads[1:], steps, model.token_range())
+    runs = run_workloads(engine, workloads[1:], steps, model.token_range(), driver=spec.driver)
     result = json.loads(json.dumps(engine_result(spec, engine, 1.5, runs)))
-    assert result["engine_class"] == "sglang_batchllm.bench.fake.FakeEngine"
+    assert result["engine_class"] == "sglang_batchllm.bench.fake.FakeEngine" and result["driver"] == "waves"
+    assert result["workloads"][0]["driver"]["driver"] == "waves"
     assert result["scheduler"]["batchllm_active"] is True and result["scheduler"]["kv_total"] == 1_000_000
     assert result["workloads"][0]["wall_s"] == pytest.approx(runs[0].wall_s)
 

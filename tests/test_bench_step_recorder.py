@@ -1,6 +1,6 @@
-"""The scheduler-side step recorder (step_recorder.py): what it records, that its wrappers
-change nothing, that it reaches the spawned scheduler through a picklable
-`run_scheduler_process_func`, and reading the log back."""
+"""The scheduler-side step recorder (step_recorder.py): what it records (BatchLLM's counters
+too), that its wrappers change nothing, that it reaches the spawned scheduler through a
+picklable `run_scheduler_process_func`, and reading the log back (step_log.py)."""
 
 import pickle
 from types import SimpleNamespace
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 
 from sglang_batchllm.bench import step_recorder
+from sglang_batchllm.bench.step_log import StepLog, StepTail
 from sglang_batchllm.bench.step_recorder import (
-    StepLog,
-    StepTail,
+    BATCHLLM_STEP_FIELDS,
     StepWriter,
     record_and_run_scheduler,
     step_fields,
@@ -186,3 +186,55 @@ def test_installed_wrappers_delegate_unchanged(monkeypatch, tmp_path, sglang_sch
     assert Scheduler.run_batch(s, SimpleNamespace()) == "result"
     assert Scheduler.run_batch(s, b) == "result"
     assert len(StepLog.read(path).steps) == 1
+
+
+def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_path, sglang_scheduler):
+    from sglang_batchllm.runtime.stats import STATS
+
+    Scheduler = sglang_scheduler.Scheduler
+    monkeypatch.setattr(Scheduler, "run_batch", lambda self, batch: "result")
+    monkeypatch.setattr(step_recorder, "_writer", None)
+    monkeypatch.setattr("sglang.srt.plugins.load_plugins", lambda: None)
+    path = tmp_path / "steps.jsonl"
+    writer = step_recorder.install_step_recorder(path)
+    s, b = fake_scheduler(), fake_batch(sglang_scheduler.ForwardMode.DECODE, 4)
+
+    monkeypatch.setattr(STATS, "active", False)
+    Scheduler.run_batch(s, b)  # a vanilla scheduler: no BatchLLM fields
+    for name, value in [("active", True), ("groups_live", 3), ("pinned_tokens", 6000), ("prefix_tokens_planned", 8000),
+                        ("prefix_tokens_computed", 6000), ("prefix_recomputations", 2)]:
+        monkeypatch.setattr(STATS, name, value)
+    Scheduler.run_batch(s, b)
+    monkeypatch.setattr(STATS, "snapshot", lambda: {"active": True})  # unreadable: the step is still recorded
+    Scheduler.run_batch(s, b)
+    writer.flush()
+    plain, counted, unreadable = StepLog.read(path).steps
+    assert not set(BATCHLLM_STEP_FIELDS) & set(plain)
+    assert {k: counted[k] for k in BATCHLLM_STEP_FIELDS} == {
+        "groups_live": 3, "pinned_tokens": 6000, "prefix_tokens_planned": 8000, "prefix_tokens_computed": 6000,
+        "prefix_recomputations": 2}
+    assert unreadable["decode"] == 4 and "pinned_tokens" not in unreadable and writer.enabled
+
+
+def test_batchllm_counters_summed_over_the_window(tmp_path):
+    now = [0.0]
+    path = tmp_path / "steps.jsonl"
+    w = StepWriter(path, clock=lambda: now[0])
+
+    def step(t, pinned, groups, computed, recomputed):
+        now[0] = t
+        w.write("step", mode="DECODE", reqs=1, prefill=0, decode=1, kv_used=10, kv_evictable=0, groups_live=groups,
+                pinned_tokens=pinned, prefix_tokens_planned=computed + 100, prefix_tokens_computed=computed,
+                prefix_recomputations=recomputed)
+
+    step(1, 500, 1, 1000, 1)  # before the window (warm-up): its counts are not the workload's
+    step(2, 3000, 2, 1500, 1)
+    step(3, 9000, 4, 4000, 3)
+    step(4, 0, 0, 4000, 3)
+    w.flush()
+    s = StepLog.read(path).window(1.5, 4.5).summary()
+    assert (s.batchllm_prefix_tokens_computed, s.batchllm_prefix_tokens_planned, s.batchllm_prefix_recomputations) == (3000, 3000, 2)
+    assert (s.peak_pinned_tokens, s.peak_groups_live) == (9000, 4)
+    series = StepLog.read(path).window(1.5, 4.5).series(1.5)
+    assert series["pinned_tokens"] == [3000, 9000, 0] and series["groups_live"] == [2, 4, 0]
+    assert StepLog.read(path).window(0, 9).summary().batchllm_prefix_tokens_computed == 4000  # no step before: from 0

@@ -50,7 +50,7 @@ def test_bundled_token_range_skips_low_special_ids(small):
     assert small.token_range().lo == 5 and small.token_range().hi == small.vocab
 
 
-@pytest.mark.parametrize("name", ["authors", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "control", "two-level", "sweep"])
 def test_same_seed_same_requests_other_seed_other_requests(small, name):
     a = [w.fingerprint() for w in build(small, name, scale=0.05)]
     b = [w.fingerprint() for w in build(small, name, scale=0.05)]
@@ -59,7 +59,7 @@ def test_same_seed_same_requests_other_seed_other_requests(small, name):
     assert all(x != y for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("name", ["authors", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "control", "two-level", "sweep"])
 def test_token_ids_are_ordinary(small, name):
     tokens = small.token_range()
     for w in build(small, name, scale=0.05):
@@ -93,6 +93,19 @@ def test_authors_members_share_exactly_the_prefix(llama):
     for i in range(len(prompts)):
         for j in range(i + 1, len(prompts)):
             assert lcp(prompts[i][0], prompts[j][0]) == 0
+
+
+@pytest.mark.parametrize("name, groups, output", [("w1", 64, 100), ("decode-heavy", 100, 500)])
+def test_w1_and_decode_heavy_structure(llama, name, groups, output):
+    (w,) = build(llama, name)
+    assert w.name == name and w.num_requests == groups * 16 and w.output_tokens == groups * 16 * output
+    assert {len(r.input_ids) for r in w.requests} == {2200} and {r.max_new_tokens for r in w.requests} == {output}
+    assert sharing(r.input_ids for r in w.requests).unique_tokens == groups * 2000 + groups * 16 * 200
+    by_group = groups_of(w)
+    assert len(by_group) == groups and all(len(m) == 16 for m in by_group.values())
+    assert all(lcp(m[0], p) == 2000 for m in by_group.values() for p in m[1:])
+    (quick,) = build(llama, name, scale=1 / 8)
+    assert quick.name == f"{name}[x0.125]" and quick.params["groups"] == round(groups / 8)
 
 
 def test_control_shares_nothing(llama):
@@ -180,7 +193,7 @@ def test_jsonl_errors_name_the_line(tmp_path, small, line, message):
 
 
 def test_unknown_workload_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match="authors, sweep, control, two-level"):
+    with pytest.raises(ValueError, match="authors, w1, decode-heavy, sweep, control, two-level"):
         WorkloadSpec("author")
     with pytest.raises(ValueError, match="no such file"):
         WorkloadSpec("jsonl:/nonexistent.jsonl")

@@ -1,12 +1,14 @@
-"""`scripts/bench_batch.py`: vanilla SGLang vs BatchLLM on the same GPU, model and requests.
+"""`scripts/bench_batch.py`: vanilla SGLang, vanilla driven by hand ("waves") and BatchLLM on
+the same GPU, model and requests.
 
-Phases, each engine in a fresh child process (runner.py says why):
+Phases, each arm in a fresh child process (runner.py says why):
 1. build the workloads (seeded), their sharing structure and the planner's plan (CPU, here);
 2. measure the bf16 matmul rate (child process; skipped with --matmul-tflops);
-3. vanilla `sglang.Engine` over all workloads (child process, plugins off);
-4. `sglang_batchllm.Engine` over the same workloads (child process);
-5. compare outputs, write result.json / report.md / PNGs, print the table and the command.
-Exit status: 0 ok, 1 outputs differ beyond the tolerance (compare.py), 2 a run failed or bad input.
+3. each arm selected with --arms over all workloads (child process each; arms.py);
+4. gather the arms of earlier commands with the same --out and settings, compare every arm's
+   outputs with vanilla's, write result.json / report.md / PNGs, print the table and the command.
+Exit status: 0 ok, 1 outputs differ beyond the tolerance (compare.py), 2 a run failed, the
+plugin was not active where it should be (or active where it should not), or bad input.
 """
 
 from __future__ import annotations
@@ -23,20 +25,24 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from .arms import ARMS, DEFAULT_ARMS, parse_arms, plugin_problems
 from .compare import OutputTolerance
 from .floor import workload_floor
+from .launch import arm_spec, git_info, measure_matmul, run_engine, stored_result
 from .model import ModelShape, write_llama31_8b_dir
-from .record import add_runs, summary_rows, workload_entry
-from .report import write_report
-from .launch import git_info, measure_matmul, run_engine
-from .runner import BASE_ENGINE_KWARGS
+from .record import assemble_record, workload_entry
+from .report import summary_text, write_report
+from .runner import BASE_ENGINE_KWARGS, RunSpec
 from .workloads import WORKLOADS, Workload, WorkloadSpec, check_workload_name, sharing
 
 QUICK_SCALE = 1 / 8
 DRY_RUN_TFLOPS = 790.0  # bf16 matmul on the baseline's H200 (docs/baseline.md)
 VANILLA_BACKENDS = ("triton", "flashinfer", "fa3")
+# Engine keywords the fake engine honours besides batchllm_*: SGLang's own KV pool cap, so
+# `--engine-arg max_total_tokens=N` sizes the fake's pool as it would the real one's.
+FAKE_ENGINE_KEYWORDS = ("max_total_tokens",)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -44,7 +50,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", action="append", type=_workload_name, metavar="NAME",
                    help=f"{', '.join(WORKLOADS)} or jsonl:PATH; repeatable (default: authors)")
-    p.add_argument("--quick", action="store_true", help=f"scale workloads by {QUICK_SCALE:g} (about 2 minutes on an H200)")
+    p.add_argument("--quick", action="store_true", help=f"scale workloads by {QUICK_SCALE:g} (a few minutes on an H200 for the three arms)")
     p.add_argument("--scale", type=float, help="scale the number of groups/documents/requests (overrides --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ordered", action="store_true", help="keep requests in generation order instead of shuffling")
@@ -52,14 +58,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     model.add_argument("--model-config", metavar="DIR", help="model directory with a config.json (dummy weights); "
                        "default: a generated Llama-3.1-8B-architecture config")
     model.add_argument("--bundled-model", action="store_true", help="the small bundled Llama model")
-    p.add_argument("--vanilla-backend", default="triton", choices=VANILLA_BACKENDS, help="vanilla run's attention backend")
-    p.add_argument("--batchllm-backend", default="triton", help="BatchLLM run's attention backend")
-    p.add_argument("--second-engine", default="batchllm", choices=("batchllm", "vanilla"),
-                   help="vanilla gives an A/A run that measures noise (throughput and outputs)")
+    p.add_argument("--arms", type=_arms, default=DEFAULT_ARMS, metavar="A,B,...",
+                   help=f"arms to run in this command, in this order: {', '.join(ARMS)} (default: {','.join(DEFAULT_ARMS)}); "
+                        "arms run earlier into the same --out with the same settings join the report; "
+                        "vanilla-again gives an A/A run that measures noise")
+    p.add_argument("--vanilla-backend", default="triton", choices=VANILLA_BACKENDS, help="vanilla arms' attention backend")
+    p.add_argument("--batchllm-backend", default="triton", help="BatchLLM arm's attention backend")
     p.add_argument("--engine-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
-                   help="extra sglang.Engine keyword for both engines (value parsed as JSON if it can be)")
+                   help="extra sglang.Engine keyword for every arm's engine (value parsed as JSON if it can be)")
     p.add_argument("--batchllm", action="append", default=[], type=_key_value, metavar="FIELD=VALUE",
-                   help="BatchLLM setting for the BatchLLM engine (passed as batchllm_FIELD=VALUE)")
+                   help="BatchLLM setting for the batchllm arm's engine (passed as batchllm_FIELD=VALUE)")
     p.add_argument("--match-tokens", type=int, default=OutputTolerance.first_tokens, metavar="K",
                    help="a request agrees when its first K output tokens match vanilla's (default %(default)s)")
     p.add_argument("--match-fraction", type=float, default=OutputTolerance.min_fraction, metavar="F",
@@ -67,7 +75,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--matmul-tflops", type=float, help="use this bf16 matmul rate instead of measuring it")
     p.add_argument("--no-plan", action="store_true", help="do not run the planner on the workloads")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--resume", action="store_true", help="reuse engine runs already in --out whose settings match")
+    p.add_argument("--resume", action="store_true", help="reuse runs of the selected arms already in --out whose settings match")
     p.add_argument("--dry-run", action="store_true", help="build workloads, plan and floor; start no engine")
     p.add_argument("--fake-engine", action="store_true",
                    help="CPU smoke test: the whole pipeline with a fake engine (bench/fake.py) instead of SGLang")
@@ -113,6 +121,13 @@ def _workload_name(name: str) -> str:
     return name
 
 
+def _arms(text: str) -> tuple[str, ...]:
+    try:
+        return parse_arms(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
@@ -138,6 +153,11 @@ def engine_kwargs(args: argparse.Namespace, model_dir: str, engine: str) -> dict
     if engine == "vanilla":
         return {**kwargs, "attention_backend": args.vanilla_backend}
     return {**kwargs, "attention_backend": args.batchllm_backend, **{f"batchllm_{k}": v for k, v in args.batchllm}}
+
+
+def fake_engine_kwargs(engine: str, kwargs: dict) -> dict:
+    """What the fake engine (bench/fake.py) gets in place of an engine's keywords."""
+    return {"fake_as": engine, **{k: v for k, v in kwargs.items() if k.startswith("batchllm_") or k in FAKE_ENGINE_KEYWORDS}}
 
 
 def plan_workload(w: Workload) -> dict:
@@ -179,10 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.report_only:
-        record = json.loads(Path(args.report_only).read_text())
-        for path in write_report(record, args.out or Path(args.report_only).parent):
-            print(path)
-        return 0
+        return _report_only(args.report_only, args.out)
     command = _command(argv)
     print(f"Reproduce with: {command}", flush=True)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: stop children too
@@ -192,11 +209,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}\nReproduce with: {command}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: finished engine runs stay in OUT/raw/; the same command with --resume reuses them\n"
+        print("interrupted: finished arm runs stay in OUT/raw/; the same command with --resume reuses them\n"
               f"Reproduce with: {command}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _report_only(result_json: str, out: str | None) -> int:
+    try:
+        paths = write_report(json.loads(Path(result_json).read_text()), out or Path(result_json).parent)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -215,22 +243,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"workload names repeat ({', '.join(repeated)}); name each once")
+    phases = 2 + len(args.arms)
 
-    print(f"[1/4] {len(workloads)} workload(s): sharing structure and plan", flush=True)
-    facts = []
-    for w in workloads:
-        share, plan = sharing(r.input_ids for r in w.requests), None if args.no_plan else plan_workload(w)
-        facts.append((w, share, plan))
-        if plan is None:
-            plan_text = "not planned"
-        elif "saving" in plan:
-            plan_text = f"plan saving {plan['saving']:.1%} in {plan['time_s']:.2f} s"
-        else:
-            plan_text = plan["error"]
-        print(f"  {w.name}: {w.num_requests} requests, {w.prompt_tokens:,} prompt tokens, "
-              f"best saving {share.ideal_saving:.1%}, {plan_text}", flush=True)
+    print(f"[1/{phases}] {len(workloads)} workload(s): sharing structure and plan", flush=True)
+    facts = [_facts(w, args.no_plan) for w in workloads]
 
-    print("[2/4] bf16 matmul rate", flush=True)
+    print(f"[2/{phases}] bf16 matmul rate", flush=True)
     if args.matmul_tflops or args.dry_run:
         matmul = {"matmul_tflops": args.matmul_tflops or DRY_RUN_TFLOPS,
                   "gemm": "given" if args.matmul_tflops else "assumed (dry run: H200, docs/baseline.md)"}
@@ -244,20 +262,16 @@ def _run(args: argparse.Namespace, command: str) -> int:
             print(f"  {e['name']}: prefill floor {e['floor']['prefill_floor_s']:.1f} s at {tflops:.0f} TFLOP/s")
         return 0
 
-    labels = ("vanilla", "batchllm" if args.second_engine == "batchllm" else "vanilla-again")
-    progress = "off" if args.no_progress else ("tty" if sys.stderr.isatty() else "lines")
-    results = {}
-    for step, (label, engine) in enumerate(zip(labels, ("vanilla", args.second_engine)), 3):
-        print(f"[{step}/4] {label}", flush=True)
-        kwargs = engine_kwargs(args, model_dir, engine)
-        if args.fake_engine:
-            kwargs = {"fake_as": engine, **{k: v for k, v in kwargs.items() if k.startswith("batchllm_")}}
-        results[label] = run_engine(label, "fake" if args.fake_engine else engine, kwargs, workloads, specs,
-                                    model_dir, out, progress, args.resume)
-    problems = plugin_problems(results, labels, ("vanilla", args.second_engine))
+    def spec_of(arm: str) -> RunSpec:
+        return _arm_spec(args, arm, workloads, specs, model_dir, out)
 
-    record = {
-        "schema": 1,
+    results = {}
+    for phase, arm in enumerate(args.arms, 3):
+        print(f"[{phase}/{phases}] {arm}: {ARMS[arm].description}", flush=True)
+        results[arm] = run_engine(arm, spec_of(arm), args.resume, command)
+    results.update(_earlier_arms(spec_of, exclude=results))
+
+    header = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "git": git_info(),
@@ -265,44 +279,54 @@ def _run(args: argparse.Namespace, command: str) -> int:
         | {"sglang": _version("sglang"), "python": platform.python_version()},
         "matmul": matmul,
         "model": {"dir": model_dir, "name": model_name, "shape": model.to_dict()},
-        "labels": list(labels),
-        "engines": {label: {k: r.get(k) for k in ("engine_class", "engine_kwargs", "startup_s", "reused_from", "scheduler")}
-                    for label, r in results.items()},
         "tolerance": {"first_tokens": args.match_tokens, "min_fraction": args.match_fraction},
-        "workloads": [],
     }
     tolerance = OutputTolerance(args.match_tokens, args.match_fraction)
-    for entry, w in zip(entries, workloads):
-        runs = tuple(next(r for r in results[label]["workloads"] if r["name"] == w.name) for label in labels)
-        startups = tuple(results[label].get("startup_s") for label in labels)
-        expected = {r.rid: r.max_new_tokens for r in w.requests}
-        record["workloads"].append(add_runs(entry, labels, runs, startups, expected, tolerance))
-    record["problems"] = problems
-    record["ok"] = not problems and all(w["outputs"]["ok"] for w in record["workloads"])
-
+    record = assemble_record(header, results, entries, workloads, tolerance, plugin_problems(results))
     paths = write_report(record, out)
-    _print_summary(record)
+    print("\n" + summary_text(record))
     print(f"Wrote {out}/: {', '.join(p.name for p in paths)}")
-    for problem in problems:
+    for problem in record["problems"]:
         print(f"error: {problem}", file=sys.stderr)
     print(f"Reproduce with: {command}")
-    return 2 if problems else (0 if record["ok"] else 1)
+    return 2 if record["problems"] else (0 if record["ok"] else 1)
 
 
-def plugin_problems(results: dict, labels: Sequence[str], engines: Sequence[str]) -> list[str]:
-    """BatchLLM's plugin must be active in the BatchLLM run's scheduler and absent from the
-    vanilla run's; otherwise the comparison measures nothing (e.g. the package is not
-    installed, so SGLang never finds its entry point)."""
-    problems = []
-    for label, engine in zip(labels, engines):
-        active = results[label].get("scheduler", {}).get("batchllm_active")
-        if active != (engine == "batchllm"):
-            want = "active" if engine == "batchllm" else "inactive"
-            hint = (" Install the package with this interpreter (python -m pip install --no-deps -e .) so SGLang's load_plugins() finds the "
-                    "'batchllm' entry point." if engine == "batchllm" else "")
-            problems.append(f"the BatchLLM plugin should be {want} in the {label} run's scheduler, "
-                            f"but the scheduler reported batchllm_active={active}.{hint}")
-    return problems
+def _facts(w: Workload, no_plan: bool) -> tuple[Workload, Any, dict | None]:
+    share, plan = sharing(r.input_ids for r in w.requests), None if no_plan else plan_workload(w)
+    if plan is None:
+        plan_text = "not planned"
+    elif "saving" in plan:
+        plan_text = f"plan saving {plan['saving']:.1%} in {plan['time_s']:.2f} s"
+    else:
+        plan_text = plan["error"]
+    print(f"  {w.name}: {w.num_requests} requests, {w.prompt_tokens:,} prompt tokens, "
+          f"best saving {share.ideal_saving:.1%}, {plan_text}", flush=True)
+    return w, share, plan
+
+
+def _arm_spec(args: argparse.Namespace, arm: str, workloads: Sequence[Workload], specs: Sequence[WorkloadSpec],
+              model_dir: str, out: Path) -> RunSpec:
+    engine = ARMS[arm].engine
+    kwargs = engine_kwargs(args, model_dir, engine)
+    if args.fake_engine:
+        engine, kwargs = "fake", fake_engine_kwargs(engine, kwargs)
+    progress = "off" if args.no_progress else ("tty" if sys.stderr.isatty() else "lines")
+    return arm_spec(arm, engine, ARMS[arm].driver, kwargs, workloads, specs, model_dir, out, progress)
+
+
+def _earlier_arms(spec_of: Callable[[str], RunSpec], exclude: dict) -> dict[str, dict]:
+    """Arms not run by this command whose runs in OUT/raw/ match what this command would run:
+    how arms run in separate commands come together in one report."""
+    found = {}
+    for arm in ARMS:
+        if arm in exclude:
+            continue
+        result = stored_result(spec_of(arm))
+        if result is not None:
+            print(f"[{arm}] from an earlier command: {result['reused_from']}", flush=True)
+            found[arm] = result
+    return found
 
 
 def _version(dist: str) -> str | None:
@@ -310,11 +334,3 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def _print_summary(record: dict) -> None:
-    first, second = record["labels"]
-    print(f"\n{'workload':<24} {first + ' s':>12} {second + ' s':>14} {'ratio':>7} {'floor s':>8}  outputs")
-    for r, w in zip(summary_rows(record), record["workloads"]):
-        print(f"{r['workload']:<24} {r['first_s']:>12.2f} {r['second_s']:>14.2f} {r['ratio']:>6.3f}x {r['floor_s']:>8.2f}  "
-              f"{w['outputs']['summary']}")

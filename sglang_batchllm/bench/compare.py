@@ -1,4 +1,4 @@
-"""Do BatchLLM's outputs match vanilla SGLang's? Greedy token ids, compared per request.
+"""Do an arm's outputs match vanilla SGLang's? Greedy token ids, compared per request.
 
 Exact equality is the wrong test: both runs are greedy (temperature 0) over the same dummy
 weights, but bf16 results depend on the batch a request lands in (kernel splits, CUDA-graph
@@ -16,7 +16,7 @@ So the rule is:
 
 The report also gives the first-token agreement and the mean matched fraction, so a tolerance
 that turns out too tight or too loose on a GPU can be re-chosen from data (an A/A run with
-`--second-engine vanilla` measures the noise).
+`--arms vanilla,vanilla-again` measures the noise).
 """
 
 from __future__ import annotations

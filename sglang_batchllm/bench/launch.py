@@ -89,38 +89,55 @@ def kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
 
 
 def _spec_hash(spec: RunSpec) -> str:
-    key = json.dumps([spec.engine, spec.engine_kwargs, spec.workloads, spec.fingerprints, spec.warmup], sort_keys=True)
+    key = json.dumps([spec.engine, spec.engine_kwargs, spec.workloads, spec.fingerprints, spec.warmup, spec.driver],
+                     sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def run_engine(
-    label: str, engine: str, kwargs: dict, workloads: Sequence[Workload], specs: Sequence[WorkloadSpec],
-    model_dir: str, out: Path, progress: str = "off", resume: bool = False,
-) -> dict:
-    """One engine over all workloads in a child process; returns its result (runner.main).
-    With `resume`, a result already in `out/raw/` from identical settings is reused."""
+def arm_spec(
+    label: str, engine: str, driver: str, kwargs: dict, workloads: Sequence[Workload], specs: Sequence[WorkloadSpec],
+    model_dir: str, out: Path, progress: str = "off",
+) -> RunSpec:
+    """What the arm `label` runs; its files are OUT/raw/<label>.{spec.json,json,steps.jsonl}."""
     raw = out / "raw"
+    return RunSpec(engine, kwargs, model_dir, [s.to_dict() for s in specs], {w.name: w.fingerprint() for w in workloads},
+                   str(raw / f"{label}.steps.jsonl"), str(raw / f"{label}.json"), progress, driver=driver)
+
+
+def stored_result(spec: RunSpec) -> dict | None:
+    """The result already at the spec's place in OUT/raw/ if it ran with identical settings
+    (engine, keywords, workloads, driver), marked with where it came from; else None."""
+    path = Path(spec.result_path)
+    if not path.exists():
+        return None
+    previous = json.loads(path.read_text())
+    if previous.get("spec_hash") != _spec_hash(spec):
+        return None
+    return {**previous, "reused_from": str(path)}
+
+
+def run_engine(label: str, spec: RunSpec, resume: bool = False, command: str | None = None) -> dict:
+    """One arm over all workloads in a child process; returns its result (runner.main).
+    With `resume`, a result already in OUT/raw/ from identical settings is reused."""
+    if resume:
+        previous = stored_result(spec)
+        if previous is not None:
+            print(f"[{label}] reusing {previous['reused_from']} (same settings)", flush=True)
+            return previous
+    raw = Path(spec.result_path).parent
     raw.mkdir(parents=True, exist_ok=True)
-    spec = RunSpec(engine, kwargs, model_dir, [s.to_dict() for s in specs], {w.name: w.fingerprint() for w in workloads},
-                   str(raw / f"{label}.steps.jsonl"), str(raw / f"{label}.json"), progress)
-    digest = _spec_hash(spec)
     result_path = Path(spec.result_path)
-    if resume and result_path.exists():
-        previous = json.loads(result_path.read_text())
-        if previous.get("spec_hash") == digest:
-            print(f"[{label}] reusing {result_path} (same settings)", flush=True)
-            return {**previous, "reused_from": str(result_path)}
     result_path.unlink(missing_ok=True)
     spec_path = raw / f"{label}.spec.json"
     spec.save(spec_path)
-    env = vanilla_env(os.environ, installed_plugin_names()) if engine == "vanilla" else None
-    if engine != "fake":
+    env = vanilla_env(os.environ, installed_plugin_names()) if spec.engine == "vanilla" else None
+    if spec.engine != "fake":
         wait_for_free_gpu()
     rc = _run_child("sglang_batchllm.bench.runner", str(spec_path), env)
     if rc != 0 or not result_path.exists():
         raise RuntimeError(f"the {label} run failed (exit status {rc}); its output is above, its spec in {spec_path}")
     result = json.loads(result_path.read_text())
-    result["spec_hash"] = digest
+    result.update(spec_hash=_spec_hash(spec), command=command)
     result_path.write_text(json.dumps(result))
     return result
 

@@ -1,10 +1,12 @@
 """Run one engine over a list of workloads and collect what happened.
 
 `run_workloads(engine, ...)` takes any object with SGLang's offline-engine methods
-(`generate(input_ids=, sampling_params=, rid=)`, `flush_cache()`), so tests drive it with a fake.
-For each workload: flush the radix cache, send the whole workload as ONE `generate` call (the
-scheduler then sees the whole batch at once, as in docs/baseline.md), time it with
-`time.monotonic()`, and cut that window out of the scheduler's step log.
+(`generate(input_ids=, sampling_params=, rid=)`, `flush_cache()`, `get_server_info()`), so tests
+drive it with a fake. For each workload: flush the radix cache, let the arm's driver
+(drivers.py) split the workload into `generate` calls (by default ONE call with the whole
+workload: the scheduler then sees the whole batch at once, as in docs/baseline.md), send the
+calls one after the other in one timed region (`time.monotonic()`), put the outputs back in
+workload order, and cut that window out of the scheduler's step log.
 
 `python -m sglang_batchllm.bench.runner SPEC.json` is one engine run in a process of its own:
 it rebuilds the workloads from their seeds, checks their fingerprints against the parent's,
@@ -26,12 +28,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .drivers import DRIVERS
 from .model import ModelShape, TokenRange
-from .step_recorder import StepLog, StepTail, parse_lines, with_step_recorder
-from .workloads import Workload, WorkloadSpec
+from .step_log import StepLog, StepTail, parse_lines
+from .step_recorder import with_step_recorder
+from .workloads import BenchRequest, Workload, WorkloadSpec
 
 # docs/baseline.md: what every engine of the benchmark runs with (the CLI adds model_path and
-# attention_backend; `--engine-arg` may add more, for both engines alike).
+# attention_backend; `--engine-arg` may add more, for every arm alike).
 BASE_ENGINE_KWARGS: dict[str, Any] = {
     "load_format": "dummy",
     "skip_tokenizer_init": True,
@@ -96,6 +100,7 @@ class RunSpec:
     result_path: str
     progress: str = "tty"  # tty | lines | off
     warmup: bool = True
+    driver: str = "one-call"  # drivers.DRIVERS key
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))
@@ -117,6 +122,7 @@ class WorkloadRun:
     cached_tokens: int
     steps: dict  # StepSummary.to_dict()
     series: dict  # StepLog.series()
+    driver: dict  # CallPlan.info: the driver, its generate calls (and for waves: W, the pool)
     complete_log: bool = True
 
     @property
@@ -154,16 +160,19 @@ def flush_cache(engine: Any, attempts: int = 50) -> None:
     print("warning: flush_cache kept failing; the workload starts with a warm cache", file=sys.stderr)
 
 
-def run_workload(engine: Any, workload: Workload, steps_path: str | Path, progress: str = "off") -> WorkloadRun:
+def run_workload(engine: Any, workload: Workload, steps_path: str | Path, progress: str = "off",
+                 driver: str = "one-call") -> WorkloadRun:
     reqs = workload.requests
-    input_ids = [list(r.input_ids) for r in reqs]
-    sampling = [{**SAMPLING, "max_new_tokens": r.max_new_tokens} for r in reqs]
-    rids = [r.rid for r in reqs]
+    plan = DRIVERS[driver](engine, workload)
+    calls = [_call_arguments(reqs, call) for call in plan.calls]  # built before the clock starts
+    by_index: dict[int, dict] = {}
     with _Progress(steps_path, workload, progress) as bar:
         t0 = time.monotonic()
         bar.start(t0)
-        outs = engine.generate(input_ids=input_ids, sampling_params=sampling, rid=rids)
+        for call, kwargs in zip(plan.calls, calls):
+            by_index.update(zip(call, engine.generate(**kwargs)))
         t1 = time.monotonic()
+    outs = [by_index[i] for i in range(len(reqs))]  # workload order, whatever the calls' order
     complete = _wait_for_idle(steps_path, t0)
     log = StepLog.read(steps_path).window(t0, t1)
     metas = [o.get("meta_info", {}) for o in outs]
@@ -178,20 +187,29 @@ def run_workload(engine: Any, workload: Workload, steps_path: str | Path, progre
         cached_tokens=sum(m.get("cached_tokens", 0) for m in metas),
         steps=log.summary().to_dict(),
         series=log.series(t0),
+        driver=plan.info,
         complete_log=complete,
     )
 
 
+def _call_arguments(reqs: Sequence[BenchRequest], call: Sequence[int]) -> dict:
+    return {
+        "input_ids": [list(reqs[i].input_ids) for i in call],
+        "sampling_params": [{**SAMPLING, "max_new_tokens": reqs[i].max_new_tokens} for i in call],
+        "rid": [reqs[i].rid for i in call],
+    }
+
+
 def run_workloads(
     engine: Any, workloads: Sequence[Workload], steps_path: str | Path, tokens: TokenRange,
-    progress: str = "off", warmup: bool = True,
+    progress: str = "off", warmup: bool = True, driver: str = "one-call",
 ) -> list[WorkloadRun]:
     if warmup:
         warm_up(engine, tokens)
     runs = []
     for w in workloads:
         flush_cache(engine)
-        runs.append(run_workload(engine, w, steps_path, progress))
+        runs.append(run_workload(engine, w, steps_path, progress, driver))
     return runs
 
 
@@ -277,6 +295,7 @@ def engine_result(spec: RunSpec, engine: Any, startup_s: float, runs: Sequence[W
     header = StepLog.read(spec.steps_path).header
     return {
         "engine": spec.engine,
+        "driver": spec.driver,
         "engine_class": engine_class_name(engine),
         "engine_kwargs": spec.engine_kwargs,
         "startup_s": startup_s,
@@ -300,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     startup_s = time.monotonic() - t
     print(f"[{spec.engine}] engine up in {startup_s:.0f} s", flush=True)
     try:
-        runs = run_workloads(engine, workloads, spec.steps_path, model.token_range(), spec.progress, spec.warmup)
+        runs = run_workloads(engine, workloads, spec.steps_path, model.token_range(), spec.progress, spec.warmup,
+                             spec.driver)
     finally:
         engine.shutdown()
     result = engine_result(spec, engine, startup_s, runs)

@@ -20,6 +20,11 @@ the first error instead of disturbing the scheduler):
   number of requests retracted.
 - `Scheduler.on_idle`: the scheduler has nothing to run. Writes an "idle" marker and flushes.
 
+In a BatchLLM run each step record also carries BatchLLM's own counters
+(`sglang_batchllm.runtime.stats`, read before the step runs): `BATCHLLM_STEP_FIELDS`. They are
+left out when no BatchLLM scheduler adapter runs in the process (`STATS.active` false, e.g. the
+vanilla runs) and whenever reading them fails, which never stops the recorder.
+
 There is no official per-step callback in 0.5.17, hence wrappers; the class is looked up after
 `load_plugins()` so a plugin that REPLACEs `Scheduler` is wrapped too. Only TP rank 0 / PP rank
 0 records. Times are `time.monotonic()`, the same clock in every process, so the benchmark
@@ -28,7 +33,7 @@ tests/test_bench_step_recorder.py.
 
 File format: JSON lines, `{"kind": "header"|"step"|"retract"|"idle", "t": ..., ...}`; flushed
 every 0.5 s and whenever the scheduler goes idle (the engine kills the scheduler with SIGKILL on
-shutdown, so nothing may wait for exit).
+shutdown, so nothing may wait for exit). step_log.py reads it back.
 """
 
 from __future__ import annotations
@@ -38,7 +43,6 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,6 +117,39 @@ def step_fields(scheduler: Any, batch: Any) -> dict:
     }
 
 
+# sglang_batchllm.runtime.stats.SchedulerStats fields in a step record. Gauges: groups_live,
+# pinned_tokens. Counters since the process started: prefix_tokens_planned (the shared prefixes
+# of the groups opened), prefix_tokens_computed (what the group leaders prefilled of them),
+# prefix_recomputations (a member prefilled part of its group's prefix again).
+BATCHLLM_GAUGES = ("groups_live", "pinned_tokens")
+BATCHLLM_COUNTERS = ("prefix_tokens_planned", "prefix_tokens_computed", "prefix_recomputations")
+BATCHLLM_STEP_FIELDS = BATCHLLM_GAUGES + BATCHLLM_COUNTERS
+
+
+def batchllm_step_fields(stats: Any) -> dict:
+    """BatchLLM's counters for a step record; {} when its scheduler adapter is not active here
+    or when they cannot be read (a measurement extra must not cost the step record)."""
+    try:
+        if stats is None or not stats.active:
+            return {}
+        snap = stats.snapshot()
+        return {k: int(snap[k]) for k in BATCHLLM_STEP_FIELDS}
+    except Exception:
+        return {}
+
+
+def _batchllm_stats() -> Any:
+    """The scheduler process's `SchedulerStats`, or None where the module cannot be imported:
+    imported when the recorder is installed, not with this module, so that a broken or missing
+    runtime module costs the BatchLLM fields only, never the recorder."""
+    try:
+        from sglang_batchllm.runtime.stats import STATS
+
+        return STATS
+    except Exception:
+        return None
+
+
 _writer: StepWriter | None = None
 
 
@@ -127,6 +164,7 @@ def install_step_recorder(path: str | Path) -> StepWriter:
 
     load_plugins()  # idempotent; run_scheduler_process calls it again as a no-op
     plugin = _plugin_state()
+    stats = _batchllm_stats()
     writer = _writer = StepWriter(path)
     scheduler_cls = scheduler_module.Scheduler
     run_batch, on_idle, retract_decode = scheduler_cls.run_batch, scheduler_cls.on_idle, ScheduleBatch.retract_decode
@@ -138,7 +176,7 @@ def install_step_recorder(path: str | Path) -> StepWriter:
         if not header_written:
             header_written = True
             writer.write("header", kv_total=self.max_total_num_tokens, page_size=self.page_size, **plugin)
-        writer.write("step", **step_fields(self, batch))
+        writer.write("step", **step_fields(self, batch), **batchllm_step_fields(stats))
 
     @functools.wraps(run_batch)
     def recorded_run_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
@@ -191,120 +229,3 @@ def with_step_recorder(engine_cls: type, steps_path: str | Path) -> type:
         (engine_cls,),
         {"run_scheduler_process_func": staticmethod(func), "__module__": __name__},
     )
-
-
-# ---- benchmark side ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepSummary:
-    steps: int
-    prefill_tokens: int
-    decode_tokens: int
-    retractions: int
-    retracted_requests: int
-    kv_total: int
-    peak_kv_used: int
-    peak_kv_held: int
-    max_step_tokens: int
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class StepLog:
-    """A recorder file read back: steps, retractions and idle markers in time order."""
-
-    header: dict = field(default_factory=dict)
-    steps: list[dict] = field(default_factory=list)
-    retractions: list[dict] = field(default_factory=list)
-    idle_times: list[float] = field(default_factory=list)
-
-    @classmethod
-    def read(cls, path: str | Path) -> "StepLog":
-        log = cls()
-        p = Path(path)
-        if p.exists():
-            for rec in parse_lines(p.read_text()):
-                log.add(rec)
-        return log
-
-    def add(self, rec: dict) -> None:
-        kind = rec.get("kind")
-        if kind == "header":
-            self.header = rec
-        elif kind == "step":
-            self.steps.append(rec)
-        elif kind == "retract":
-            self.retractions.append(rec)
-        elif kind == "idle":
-            self.idle_times.append(rec["t"])
-
-    def window(self, t0: float, t1: float) -> "StepLog":
-        inside = lambda r: t0 <= r["t"] <= t1  # noqa: E731
-        return StepLog(
-            self.header,
-            [s for s in self.steps if inside(s)],
-            [r for r in self.retractions if inside(r)],
-            [t for t in self.idle_times if t0 <= t <= t1],
-        )
-
-    def summary(self) -> StepSummary:
-        s = self.steps
-        return StepSummary(
-            steps=len(s),
-            prefill_tokens=sum(x["prefill"] for x in s),
-            decode_tokens=sum(x["decode"] for x in s),
-            retractions=sum(1 for r in self.retractions if r["reqs"] > 0),
-            retracted_requests=sum(r["reqs"] for r in self.retractions),
-            kv_total=self.header.get("kv_total", 0),
-            peak_kv_used=max((x["kv_used"] for x in s), default=0),
-            peak_kv_held=max((x["kv_used"] - x["kv_evictable"] for x in s), default=0),
-            max_step_tokens=max((x["prefill"] + x["decode"] for x in s), default=0),
-        )
-
-    def series(self, t0: float) -> dict[str, list]:
-        """Columns for the charts; KV held = in use and not evictable (running requests, pins)."""
-        s = self.steps
-        return {
-            "t": [round(x["t"] - t0, 4) for x in s],
-            "mode": [x["mode"] for x in s],
-            "reqs": [x["reqs"] for x in s],
-            "prefill": [x["prefill"] for x in s],
-            "decode": [x["decode"] for x in s],
-            "kv_used": [x["kv_used"] for x in s],
-            "kv_held": [x["kv_used"] - x["kv_evictable"] for x in s],
-        }
-
-
-def parse_lines(text: str) -> list[dict]:
-    """Complete JSON lines only: the last one may be half-written while the scheduler runs."""
-    out = []
-    for line in text.split("\n"):
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-    return out
-
-
-class StepTail:
-    """Reads records appended to a recorder file since the last call (for progress bars)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._offset = 0
-        self._partial = ""
-
-    def poll(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open() as f:
-            f.seek(self._offset)
-            chunk = f.read()
-            self._offset = f.tell()
-        text = self._partial + chunk
-        complete, _, self._partial = text.rpartition("\n")
-        return parse_lines(complete)
