@@ -41,9 +41,12 @@ def test_engine_kwargs():
     batchllm = cli.engine_kwargs(args, "/m", "batchllm")
     assert vanilla["model_path"] == batchllm["model_path"] == "/m"
     assert vanilla["chunked_prefill_size"] == batchllm["chunked_prefill_size"] == 4096
-    assert vanilla["attention_backend"] == batchllm["attention_backend"] == "triton"
+    assert vanilla["attention_backend"] == "triton" and batchllm["attention_backend"] == "batchllm"
     assert batchllm["batchllm_levels"] == 2 and not any(k.startswith("batchllm_") for k in vanilla)
-    assert {k: v for k, v in vanilla.items()} == {k: v for k, v in batchllm.items() if not k.startswith("batchllm_")}
+    same = {k: v for k, v in batchllm.items() if not k.startswith("batchllm_") and k != "attention_backend"}
+    assert {k: v for k, v in vanilla.items() if k != "attention_backend"} == same
+    triton = cli.engine_kwargs(cli.parse_args(["--batchllm-backend", "triton"]), "/m", "batchllm")
+    assert triton["attention_backend"] == "triton"
 
 
 def test_vanilla_env_leaves_batchllm_out():

@@ -278,6 +278,8 @@ class PlanningSession:
         group.pending.insert(0, rid)
         self.pending += 1
         self.retractions += 1
+        if not group.is_shared:
+            group.state = GroupState.WAITING  # offered again like any unshared request
         return []
 
     def aborted(self, rid: str) -> list[Event]:

@@ -132,7 +132,9 @@ class SchedulerAdapter:
     def prefill_round(self, scheduler: Any, running_batch: Any, run: Callable[[], Any]) -> Any:
         self._plan_arrivals()
         if self.session.pending == 0 and not self._unmanaged:
-            return run()  # nothing waits (a decode stretch): keep the step's CPU time flat
+            result = run()  # nothing waits (a decode stretch): keep the step's CPU time flat
+            self._update_gauges()
+            return result
         self._forget_aborted(scheduler.waiting_queue)
         self._pin_cached_prefixes()
         pool = self.pool_view(scheduler, running_batch)
@@ -156,8 +158,6 @@ class SchedulerAdapter:
         if batch is not None:
             STATS.last_step_tokens = int(getattr(batch, "extend_num_tokens", 0) or 0)
         self._update_gauges()
-        if self.metrics is not None:
-            self.metrics.export()
         return result
 
     def pool_view(self, scheduler: Any, running_batch: Any) -> PoolView:
@@ -168,12 +168,18 @@ class SchedulerAdapter:
         chunked = getattr(scheduler, "chunked_req", None)
         if chunked is not None and all(r is not chunked for r in reqs):
             reqs.append(chunked)
+        page = self.settings.page_size
         for r in reqs:
             if r.finished():
                 continue
             prompt_left = len(r.origin_input_ids) - _computed_prompt(r)
             max_new = r.sampling_params.max_new_tokens
-            need += running_need(prompt_left, clip if max_new is None else max_new, len(r.output_ids), clip)
+            left = running_need(prompt_left, clip if max_new is None else max_new, len(r.output_ids), clip)
+            # KV is allocated by whole pages: what a request still needs is the pages between
+            # what it holds now and what it will hold at the end
+            kv = getattr(r, "kv", None)
+            held = kv.kv_allocated_len if kv is not None else 0
+            need += _ceil_page(held + left, page) - _ceil_page(held, page)
         return PoolView(self.settings.capacity, free, need, self.settings.page_size)
 
     def _admitted(self, req: Any) -> None:
@@ -247,11 +253,17 @@ class SchedulerAdapter:
     def _update_gauges(self) -> None:
         STATS.groups_live = len(self._pins)
         STATS.pinned_tokens = self.tree.pinned_tokens()
+        if self.metrics is not None:
+            self.metrics.export()
 
     def check_invariants(self) -> None:
         self.session.check_invariants()
         pinned = {g.gid for g in self.session.groups() if g.pinned}
         assert pinned == set(self._pins), f"pins {sorted(self._pins)} != pinned groups {sorted(pinned)}"
+
+
+def _ceil_page(n: int, page: int) -> int:
+    return -(-n // page) * page
 
 
 def _computed_prompt(req: Any) -> int:
