@@ -42,11 +42,11 @@ def _get_adapter(scheduler):
             levels=_config.levels,
             min_prefix_tokens=_config.min_prefix_tokens,
         )
-        _adapter = SchedulerAdapter(settings, scheduler.tree_cache, tp_rank=scheduler.tp_rank)
+        _adapter = SchedulerAdapter(settings, scheduler.tree_cache, tp_rank=scheduler.ps.tp_rank)
         if scheduler.server_args.enable_metrics:
             from sglang_batchllm.runtime.metrics import BatchLLMMetrics
 
-            _adapter.metrics = BatchLLMMetrics({"tp_rank": str(scheduler.tp_rank)})
+            _adapter.metrics = BatchLLMMetrics({"tp_rank": str(scheduler.ps.tp_rank)})
         _setup_mixed(scheduler)
     return _adapter
 
@@ -68,7 +68,7 @@ def _setup_mixed(scheduler) -> None:
             "--attention-backend batchllm, or --batchllm-mixed 0 to silence this", backend)
         return
     scheduler.is_mixed_chunk = True
-    if scheduler.tp_rank == 0:
+    if scheduler.ps.tp_rank == 0:
         logger.info("sglang_batchllm: mixed steps on: running decodes ride with every prefill chunk")
 
 

@@ -92,7 +92,9 @@ def run_child(engine: str, model: str, batch_path: Path, out_path: Path, backend
         from sglang.srt.entrypoints.engine import Engine
     else:
         from sglang_batchllm import Engine
-    e = Engine(**engine_kwargs(model, backend))
+    # vanilla's own default on Hopper is fa3, absent on hosts without its binary: triton, the
+    # kernels BatchLLM's backend also runs
+    e = Engine(**engine_kwargs(model, backend or ("triton" if engine == "vanilla" else None)))
     # Vanilla also returns the top-2 logprobs at every output position: where BatchLLM's
     # output first differs, vanilla's path up to there is the same, so its margin there says
     # whether the difference is a near-tie. BatchLLM runs without logprobs (SGLang does not
