@@ -11,57 +11,18 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterator
-from typing import Any
 
-from .config import BatchLLMConfig, ConfigError
-from .planner import PlanInputError, PlannerConfig
-from .planner.batch_file import (
-    DEFAULT_MAX_NEW_TOKENS,
-    ON_ERROR_CHOICES,
-    BatchFileError,
-    read_batch,
-)
+from .config import BatchLLMConfig, ConfigError, env_name, flag_name
+from .jobs.reader import DEFAULT_MAX_NEW_TOKENS, ON_ERROR_CHOICES, read_file
+from .jobs.records import BatchFileError
+from .jobs.tokenizer import HFEncoder
+from .planner import PlannerConfig
 from .planner.build import IncrementalPlanner
 from .planner.lru import simulate_lru
 from .planner.report import format_report
 
 PROGRESS_MIN_BYTES = 32 << 20  # show a progress bar for files above 32 MiB (on a terminal)
-
-
-class HFEncoder:
-    """Text -> token ids with a Hugging Face tokenizer, the way SGLang tokenizes requests."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        try:
-            from transformers import AutoTokenizer  # lazy: only text input needs it
-        except ImportError:
-            AutoTokenizer = None
-        if AutoTokenizer is not None:
-            self.tok = AutoTokenizer.from_pretrained(path)
-            self._raw = None
-        else:  # `tokenizers` alone: a tokenizer.json file or a folder holding one; no chat template
-            from tokenizers import Tokenizer
-
-            file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-            self.tok, self._raw = None, Tokenizer.from_file(file)
-
-    def encode(self, text: str) -> list[int]:
-        if self._raw is not None:
-            return self._raw.encode(text).ids
-        return list(self.tok.encode(text))
-
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        if self.tok is None or not getattr(self.tok, "chat_template", None):
-            raise PlanInputError(
-                f"the tokenizer at {self.path} has no chat template, so 'messages' cannot be tokenized;"
-                " use a chat model's tokenizer or give body.prompt"
-            )
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if hasattr(out, "keys") and "input_ids" in out:  # newer transformers return a BatchEncoding
-            out = out["input_ids"]
-        return list(out)
+OPTIMAL_MAX_LEVELS = 2  # the group solver is exact up to two levels; deeper plans are heuristic
 
 
 def _settings_defaults(p: argparse.ArgumentParser) -> BatchLLMConfig:
@@ -83,10 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", metavar="PATH", help="Hugging Face tokenizer (folder or hub name) for text lines")
     p.add_argument("--page-size", type=_positive, default=1, metavar="N", help="KV page size of the engine (default 1)")
     settings = _settings_defaults(p)
-    p.add_argument("--levels", type=_positive, default=settings.levels, metavar="K",
+    p.add_argument("--levels", type=_setting("levels"), default=settings.levels, metavar="K",
                    help=f"nested sharing levels (default {settings.levels}, from SGLANG_BATCHLLM_LEVELS; "
                         "1 is the paper's single level)")
-    p.add_argument("--min-prefix", type=_non_negative, default=settings.min_prefix_tokens, metavar="N",
+    p.add_argument("--min-prefix", type=_setting("min_prefix_tokens"), default=settings.min_prefix_tokens, metavar="N",
                    help=f"shortest prefix worth sharing, in tokens (default {settings.min_prefix_tokens}, "
                         "from SGLANG_BATCHLLM_MIN_PREFIX_TOKENS)")
     p.add_argument("--max-new-tokens", type=_non_negative, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
@@ -107,6 +68,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _setting(name: str):
+    """An argparse type that checks a value against `BatchLLMConfig`'s own limits, so the plan
+    preview and the server accept exactly the same values."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            BatchLLMConfig().replace(**{name: value})
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(
+                str(err).replace(f"set {flag_name(name)} or {env_name(name)}", "give").split("; give")[0]
+            ) from None
+        return value
+
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
 def _positive(text: str) -> int:
     return _int_at_least(text, 1)
 
@@ -125,53 +107,66 @@ def _int_at_least(text: str, low: int) -> int:
     return value
 
 
-def _lines(path: str, progress: str) -> Iterator[str]:
-    if path == "-":
-        yield from sys.stdin
-        return
-    size = os.path.getsize(path)
-    show = progress == "on" or (progress == "auto" and size >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
-    bar = None
-    if show:
-        try:
-            from tqdm import tqdm
+class _ByteBar:
+    """A tqdm bar over the bytes read, on a terminal for large files (or always with `on`)."""
 
-            bar = tqdm(total=size, unit="B", unit_scale=True, desc="reading", file=sys.stderr)
-        except ImportError:
-            pass
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if bar is not None:
-                bar.update(len(line.encode("utf-8")) if not line.isascii() else len(line))
-            yield line
-    if bar is not None:
-        bar.close()
+    def __init__(self, path: str, progress: str) -> None:
+        self.bar = None
+        size = os.path.getsize(path) if path != "-" and os.path.isfile(path) else 0
+        if progress == "on" or (progress == "auto" and size >= PROGRESS_MIN_BYTES and sys.stderr.isatty()):
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=size or None, unit="B", unit_scale=True, desc="reading", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def __call__(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `--json | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout at exit; let that go nowhere
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    if args.levels > OPTIMAL_MAX_LEVELS:
+        print(f"warning: --levels {args.levels}: plans are optimal up to {OPTIMAL_MAX_LEVELS} levels; deeper"
+              " ones use a heuristic and rarely save more", file=sys.stderr)
     config = PlannerConfig(page_size=args.page_size, levels=args.levels, min_prefix_tokens=args.min_prefix)
     try:
         encoder = HFEncoder(args.tokenizer) if args.tokenizer else None
     except Exception as exc:  # noqa: BLE001 - any loading failure is the user's path or install
         print(f"error: cannot load tokenizer {args.tokenizer!r}: {exc}", file=sys.stderr)
         return 1
+    bar = _ByteBar(args.batch, args.progress)
     try:
-        requests, skipped = read_batch(
-            _lines(args.batch, args.progress),
-            encoder=encoder,
-            on_error=args.on_error,
-            default_max_new_tokens=args.max_new_tokens,
-            source=args.batch,
-        )
+        result = read_file(args.batch, encoder=encoder, on_error=args.on_error,
+                           default_max_new_tokens=args.max_new_tokens, progress=bar)
     except BatchFileError as exc:
-        print(f"error: {exc}\n(nothing was planned; fix the line, or pass --on-error skip)", file=sys.stderr)
+        bar.close()
+        hint = "" if exc.error is None else "\n(nothing was planned; fix the line, or pass --on-error skip)"
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
-    except OSError as exc:
-        print(f"error: cannot read {args.batch}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    bar.close()
+    skipped = result.errors
     for error in skipped:
-        print(f"skipped {args.batch} {error}", file=sys.stderr)
+        print(f"skipped {error}", file=sys.stderr)
+    requests = [r.plan for r in result.requests]
+    if not requests:
+        print(f"error: {args.batch}: no good lines to plan ({len(skipped):,} bad lines skipped)", file=sys.stderr)
+        return 1
 
     planner = IncrementalPlanner(config)
     planner.add(requests)
@@ -196,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 **{label.replace(" ", "_"): {"computed_tokens": r.computed_tokens, "saving": r.saving}
                    for label, r in cache_runs},
             }
-        json.dump(out, sys.stdout)
-        sys.stdout.write("\n")
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
     else:
         print(format_report(plan, source=args.batch, skipped=skipped, cache_runs=cache_runs, paper=paper,
-                            top=args.top))
+                            top=args.top), flush=True)
     return 0
 
 

@@ -170,7 +170,7 @@ def test_jsonl(tmp_path, small):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (ordered,) = build(small, f"jsonl:{path}", ordered=True)
     assert [r.max_new_tokens for r in ordered.requests] == [3 + i for i in range(20)]
-    assert ordered.requests[3].rid == "mine" and ordered.requests[0].rid == "jsonl/000001"
+    assert ordered.requests[3].rid == "mine" and ordered.requests[0].rid == "line-1"
     (shuffled,) = build(small, f"jsonl:{path}")
     assert [r.rid for r in shuffled.requests] != [r.rid for r in ordered.requests]
 
@@ -178,10 +178,12 @@ def test_jsonl(tmp_path, small):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"input_ids": [], "max_new_tokens": 3}', "non-empty list"),
-        ('{"input_ids": [5, 99999], "max_new_tokens": 3}', r"in \[0, 1024\)"),
+        ('{"input_ids": [], "max_new_tokens": 3}', "empty prompt"),
+        ('{"input_ids": [5, 99999], "max_new_tokens": 3}', r"vocabulary \[0, 1024\)"),
         ('{"input_ids": [5], "max_new_tokens": 0}', "max_new_tokens"),
-        ("not json", "not JSON"),
+        ("not json", "not valid JSON"),
+        ('{"text": "hello", "max_new_tokens": 1}', "needs a tokenizer"),
+        ('{"custom_id": "c", "body": null}', "'body' must be an object, got null"),
     ],
 )
 def test_jsonl_errors_name_the_line(tmp_path, small, line, message):

@@ -11,7 +11,13 @@ import pytest
 
 from sglang_batchllm.plan import main
 from sglang_batchllm.planner import PlannerConfig, build_plan
-from sglang_batchllm.planner.batch_file import BatchFileError, read_batch
+from sglang_batchllm.jobs.reader import read_lines
+from sglang_batchllm.jobs.records import BatchFileError
+
+
+def read_batch(lines, encoder=None, on_error="stop", default_max_new_tokens=128, source="<batch>"):
+    result = read_lines(lines, source, encoder=encoder, on_error=on_error, default_max_new_tokens=default_max_new_tokens)
+    return [r.plan for r in result.requests], result.errors
 
 SHARED = list(range(1000, 1100))  # 100 tokens
 
@@ -83,16 +89,16 @@ def test_reads_native_and_openai_lines():
         (json.dumps({"input_ids": [1], "id": [1]}), "'id' must be a string or an integer"),
         (json.dumps({"text": "abc"}), "needs a tokenizer; pass --tokenizer"),
         (json.dumps({"custom_id": "c", "body": {"prompt": ["a", "b"]}}), "one prompt per line"),
-        (json.dumps({"custom_id": "c", "body": {}}), "exactly one of 'prompt' and 'messages'"),
+        (json.dumps({"custom_id": "c", "body": {}}), "body needs 'prompt'"),
         (json.dumps({"custom_id": "c", "url": "/v1/embeddings", "body": {"prompt": [1]}}), "not supported"),
         (json.dumps({"custom_id": "c", "body": {"prompt": [1]}, "extra": 1}), "unknown field(s) 'extra'"),
     ],
 )
 def test_bad_lines_say_what_and_where(line, message):
     lines = [json.dumps({"input_ids": [1, 2]}), line]
-    with pytest.raises(BatchFileError, match="line 2: ") as info:
+    with pytest.raises(BatchFileError, match="b.jsonl:2: ") as info:
         read_batch(lines, source="b.jsonl")
-    assert message in str(info.value) and str(info.value).startswith("b.jsonl: line 2: ")
+    assert message in str(info.value) and str(info.value).startswith("b.jsonl:2: ")
     reqs, errors = read_batch(lines, on_error="skip")
     assert [r.rid for r in reqs] == ["line-1"] and [e.line for e in errors] == [2] and message in errors[0].message
 
@@ -100,7 +106,7 @@ def test_bad_lines_say_what_and_where(line, message):
 def test_duplicate_ids_name_the_first_line():
     lines = [json.dumps({"id": "a", "input_ids": [1]}), json.dumps({"id": "b", "input_ids": [1]}),
              json.dumps({"id": "a", "input_ids": [2]})]
-    with pytest.raises(BatchFileError, match=r"line 3: duplicate id 'a' \(first on line 1\)"):
+    with pytest.raises(BatchFileError, match=r":3: duplicate custom_id 'a' \(first on line 1\)"):
         read_batch(lines)
 
 
@@ -110,7 +116,7 @@ def test_a_failing_tokenizer_is_a_line_error():
             raise ValueError("no chat template")
 
     line = json.dumps({"custom_id": "c", "body": {"messages": [{"role": "user", "content": "x"}]}})
-    with pytest.raises(BatchFileError, match="line 1: the tokenizer failed on 'body.messages': no chat template"):
+    with pytest.raises(BatchFileError, match=":1: the tokenizer failed on 'body.messages': no chat template"):
         read_batch([line], encoder=NoTemplate())
 
 
@@ -144,10 +150,10 @@ def test_stop_and_skip(tmp_path, capsys):
     path = write(tmp_path, lines)
     assert main([path]) == 1
     err = capsys.readouterr().err
-    assert f"{path}: line 3: unknown field(s) 'oops'" in err and "--on-error skip" in err
+    assert f"{path}:3: unknown field(s) 'oops'" in err and "--on-error skip" in err
     assert main([path, "--on-error", "skip", "--json"]) == 0
     captured = capsys.readouterr()
-    assert "line 3: unknown field(s) 'oops'" in captured.err
+    assert f"{path}:3: unknown field(s) 'oops'" in captured.err
     out = json.loads(captured.out)
     assert len(out["order"]) == 4 and out["skipped_lines"][0]["line"] == 3
 
@@ -193,3 +199,45 @@ def test_levels_and_min_prefix_default_to_the_batchllm_settings(monkeypatch):
     args = parse_args(["batch.jsonl"])
     assert (args.levels, args.min_prefix) == (2, 64)
     assert parse_args(["batch.jsonl", "--levels", "1"]).levels == 1
+
+
+# ---- what a new user ran into (issue 10) ----------------------------------------------------
+
+
+def test_invalid_utf8_and_null_bodies_are_line_errors(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    good = "\n".join(native_lines(1, 2)).encode()
+    path.write_bytes(good + b'\n{"text": "caf\xe9"}\n{"custom_id": "c", "body": null}\n{"custom_id": "d", "body": 4}\n')
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:3: invalid UTF-8" in err and "Traceback" not in err
+    assert main([str(path), "--on-error", "skip", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"{path}:4: 'body' must be an object, got null" in captured.err
+    assert f"{path}:5: 'body' must be an object, got a number" in captured.err
+    assert [e["line"] for e in json.loads(captured.out)["skipped_lines"]] == [3, 4, 5]
+
+
+def test_an_empty_file_says_so(tmp_path, capsys):
+    assert main([write(tmp_path, [""])]) == 1
+    assert "has no requests" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [(["--levels", "99"], "levels"), (["--min-prefix", "0"], "min_prefix_tokens")])
+def test_levels_and_min_prefix_take_the_settings_limits(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        main([write(tmp_path, native_lines(1, 2)), *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_deep_levels_warn(tmp_path, capsys):
+    assert main([write(tmp_path, native_lines(1, 2)), "--levels", "3"]) == 0
+    assert "optimal up to 2 levels" in capsys.readouterr().err
+
+
+def test_json_into_a_closed_pipe_is_quiet(tmp_path):
+    path = write(tmp_path, native_lines(40, 20))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run(f"{sys.executable} -m sglang_batchllm.plan {path} --json --token-ids | head -c 10",
+                          shell=True, capture_output=True, text=True, env=env)
+    assert len(done.stdout) == 10 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr

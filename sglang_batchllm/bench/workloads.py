@@ -17,7 +17,7 @@ exactly `prefix` tokens, and nothing else shares anything by accident.
 | sweep | 9 x 256 | group size 4/16/64 x output 10/100/500; prefix 2000 / distinct 200 |
 | control | 512 | 2200 distinct tokens each, output 100: no sharing at all |
 | two-level | 64 docs x 8 questions = 512 | system 1000 + document 1500 + question 100, output 100 |
-| jsonl:PATH | one per line | `{"input_ids": [...], "max_new_tokens": N}` (optional "rid") |
+| jsonl:PATH | one per line | a batch file of token ids (`jobs/reader.py`: `{"input_ids": [...], "max_new_tokens": N, "id": ...}` or OpenAI lines) |
 
 `scale` (the CLI's --quick sets 1/8) multiplies the number of groups, documents or control
 requests (at least 1); JSONL files are not scaled. All workloads are shuffled (seeded) unless
@@ -27,7 +27,6 @@ requests (at least 1); JSONL files are not scaled. All workloads are shuffled (s
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from array import array
 from dataclasses import dataclass, field
@@ -232,27 +231,24 @@ WORKLOADS: dict[str, Callable[[_Gen], list[Workload]]] = {
 
 
 def load_jsonl(path: str | Path, seed: int, ordered: bool, vocab: int) -> Workload:
+    """A batch file read by the one reader (`sglang_batchllm.jobs.reader`: native or OpenAI
+    batch lines with token ids; text needs a tokenizer, which the benchmark does not load)."""
+    from sglang_batchllm.jobs.reader import read_file
+    from sglang_batchllm.jobs.records import BatchFileError
+
     path = Path(path)
+    try:
+        result = read_file(str(path))
+    except BatchFileError as exc:
+        raise ValueError(str(exc)) from None
     reqs = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not JSON ({exc})") from None
-            ids, max_new = row.get("input_ids"), row.get("max_new_tokens")
-            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-                raise ValueError(f"{where}: input_ids must be a non-empty list of token ids in [0, {vocab})")
-            if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
-                raise ValueError(f"{where}: max_new_tokens must be an integer >= 1, got {max_new!r}")
-            reqs.append(BenchRequest(str(row.get("rid", f"jsonl/{lineno:06d}")), tuple(ids), max_new))
-    if not reqs:
-        raise ValueError(f"{path}: no requests")
-    if len({r.rid for r in reqs}) != len(reqs):
-        raise ValueError(f"{path}: duplicate rid values; give every line a unique rid or none")
+    for r in result.requests:
+        ids = r.plan.input_ids
+        if max(ids) >= vocab:
+            raise ValueError(f"{path}:{r.line}: token id {max(ids)} is outside the model's vocabulary [0, {vocab})")
+        if r.max_new_tokens < 1:
+            raise ValueError(f"{path}:{r.line}: max_new_tokens must be >= 1 for a benchmark, got {r.max_new_tokens}")
+        reqs.append(BenchRequest(r.custom_id, tuple(ids), r.max_new_tokens))
     if not ordered:
         random.Random(f"jsonl:{seed}").shuffle(reqs)
     name = f"jsonl:{path.name}"

@@ -235,7 +235,8 @@ class SchedulerAdapter:
         events = self.session.finished(req.rid)
         self._apply(events)
         if self.log and any(isinstance(e, Unpin) for e in events):
-            logger.debug("sglang_batchllm: group %d done (prefix %d tokens)", group.gid, group.prefix_len)
+            logger.info("sglang_batchllm: group %d done (prefix %d tokens, %d groups live)", group.gid,
+                        group.prefix_len, len(self._pins))
 
     def on_retract(self, num_reqs: int) -> None:
         STATS.retractions += num_reqs

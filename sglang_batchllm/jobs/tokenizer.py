@@ -1,0 +1,87 @@
+"""Text -> token ids with the model's Hugging Face tokenizer, the way SGLang tokenizes requests
+(`encode` adds the tokenizer's special tokens; chats go through the chat template with
+`add_generation_prompt=True`). Loaded on first use: a file of token ids never pays for it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from ..planner.inputs import PlanInputError
+
+
+class TextEncoder(Protocol):
+    def encode(self, text: str) -> Sequence[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> Sequence[int]: ...
+
+
+class HFEncoder:
+    def __init__(self, path: str, *, lazy: bool = False) -> None:
+        self.path = path
+        self.tok = self._raw = None
+        if not lazy:
+            self._load()
+
+    def _load(self) -> None:
+        if self.tok is not None or self._raw is not None:
+            return
+        try:
+            from transformers import AutoTokenizer  # only text input needs it
+        except ImportError:
+            AutoTokenizer = None
+        if AutoTokenizer is not None:
+            self.tok = AutoTokenizer.from_pretrained(self.path)
+        else:  # `tokenizers` alone: a tokenizer.json file or a folder holding one; no chat template
+            from tokenizers import Tokenizer
+
+            file = os.path.join(self.path, "tokenizer.json") if os.path.isdir(self.path) else self.path
+            self._raw = Tokenizer.from_file(file)
+
+    def _loaded(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - a bad path or install, said once per line
+            raise PlanInputError(f"cannot load the tokenizer at {self.path}: {exc}") from None
+
+    def encode(self, text: str) -> list[int]:
+        self._loaded()
+        if self._raw is not None:
+            return self._raw.encode(text).ids
+        return list(self.tok.encode(text))
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        self._loaded()
+        if self.tok is None or not getattr(self.tok, "chat_template", None):
+            raise PlanInputError(
+                f"the tokenizer at {self.path} has no chat template, so 'messages' cannot be tokenized;"
+                " use a chat model's tokenizer or give body.prompt"
+            )
+        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        if hasattr(out, "keys") and "input_ids" in out:  # newer transformers return a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        self._loaded()
+        if self._raw is not None:
+            return self._raw.decode(list(ids))
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def model_context_len(model_dir: str | None) -> int | None:
+    """`max_position_embeddings` (or the like) from a local model's config.json; None if unknown."""
+    if not model_dir:
+        return None
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

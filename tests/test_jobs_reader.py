@@ -1,0 +1,137 @@
+"""The one batch-file reader: both line formats, every bad-input case as `FILE:LINE: reason`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang_batchllm.jobs.reader import read_file, read_lines
+from sglang_batchllm.jobs.records import CHAT, COMPLETIONS, BatchFileError
+from sglang_batchllm.planner.tokens import TokenIds
+
+
+class CharEncoder:
+    """Characters as token ids; a chat is its contents joined by '|'."""
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def encode_chat(self, messages):
+        return self.encode("|".join(m["content"] for m in messages) + "|assistant:")
+
+
+def openai(cid, body, url=COMPLETIONS, **extra):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": url, "body": body, **extra})
+
+
+def write_bytes(tmp_path, data: bytes, name="in.jsonl"):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_both_formats_map_to_sglang_sampling_params():
+    lines = [
+        openai("a", {"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0.5, "top_p": 0.9,
+                     "stop": "\n", "seed": 3, "n": 1}),
+        openai("b", {"messages": [{"role": "user", "content": "yo"}], "max_completion_tokens": 7}, url=CHAT),
+        json.dumps({"id": 9, "input_ids": [1, 2], "sampling_params": {"max_new_tokens": 4, "top_k": 5}}),
+        json.dumps({"text": "abc"}),
+    ]
+    result = read_lines(lines, "f.jsonl", encoder=CharEncoder(), default_max_new_tokens=11)
+    reqs = result.requests
+    assert [r.custom_id for r in reqs] == ["a", "b", "9", "line-4"]
+    assert [r.url for r in reqs] == [COMPLETIONS, CHAT, COMPLETIONS, COMPLETIONS]
+    assert reqs[0].sampling_params() == {"max_new_tokens": 5, "temperature": 0.5, "top_p": 0.9, "stop": ["\n"],
+                                         "sampling_seed": 3}
+    assert reqs[1].plan.input_ids == CharEncoder().encode("yo|assistant:")
+    assert reqs[2].sampling_params() == {"max_new_tokens": 4, "top_k": 5}
+    assert reqs[3].max_new_tokens == 11 and [r.line for r in reqs] == [1, 2, 3, 4]
+    assert all(isinstance(r.plan.input_ids, TokenIds) for r in reqs), "token ids stay packed"
+
+
+def test_file_identity_bom_and_blank_lines(tmp_path):
+    body = b'{"input_ids": [1, 2]}\n\n   \n{"input_ids": [3]}'  # no final newline
+    path = write_bytes(tmp_path, b"\xef\xbb\xbf" + body)
+    result = read_file(path)
+    assert [r.line for r in result.requests] == [1, 4] and result.lines == 2
+    import hashlib
+
+    assert result.size == len(body) + 3 and result.sha256 == hashlib.sha256(b"\xef\xbb\xbf" + body).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b'{"input_ids": [1], "id": "caf\xe9"}', "invalid UTF-8 at byte 30"),
+        (b"\xef\xbb\xbf{}", "not valid JSON"),  # a BOM is accepted on line 1 only
+        (b"[1, 2]", "expected a JSON object, got an array"),
+        (b"7", "expected a JSON object, got a number"),
+        (b'"x"', "expected a JSON object, got a string"),
+        (b"null", "expected a JSON object, got null"),
+        (b'{"custom_id": "c", "body": null}', "'body' must be an object, got null"),
+        (b'{"custom_id": "c", "body": 3}', "'body' must be an object, got a number"),
+        (b'{"custom_id": "c", "body": [1]}', "'body' must be an object, got an array"),
+        (b'{"custom_id": "c"}', "needs a 'body' object"),
+        (openai("c", {"prompt": [1]}, method="GET").encode(), "method 'GET' is not supported"),
+        (openai("c", {"prompt": [1]}, url="/v1/embeddings").encode(), "url '/v1/embeddings' is not supported"),
+        (openai("c", {"prompt": [1]}, url=CHAT).encode(), "body needs 'messages'"),
+        (openai("c", {"messages": [{"role": "user", "content": "x"}]}).encode(), "chats go to /v1/chat/completions"),
+        (openai("c", {"prompt": ""}).encode(), "empty prompt"),
+        (openai("c", {"prompt": []}).encode(), "empty prompt"),
+        (openai("c", {"messages": []}, url=CHAT).encode(), "empty 'body.messages'"),
+        (openai("c", {"messages": [{"content": "x"}]}, url=CHAT).encode(), "'role' and 'content'"),
+        (openai("c", {"prompt": [1], "logprobs": 2}).encode(), "unknown body field(s) 'logprobs'"),
+        (openai("c", {"prompt": [1]}, extra=1).encode(), "unknown field(s) 'extra'"),
+        (b'{"input_ids": [1], "max_tokens": 3}', "unknown field(s) 'max_tokens'"),
+        (b'{"input_ids": [1], "sampling_params": {"temp": 1}}', "unknown sampling_params field(s) 'temp'"),
+        (openai("c", {"prompt": [1], "max_tokens": -1}).encode(), "body.max_tokens must be >= 1, got -1"),
+        (openai("c", {"prompt": [1], "max_tokens": 2.5}).encode(), "body.max_tokens must be an integer, got 2.5"),
+        (openai("c", {"prompt": [1], "max_tokens": "9"}).encode(), "must be an integer, got '9'"),
+        (openai("c", {"prompt": [1], "max_tokens": True}).encode(), "must be an integer, got True"),
+        (b'{"input_ids": [1], "max_new_tokens": -2}', "max_new_tokens must be >= 0"),
+        (b'{"input_ids": [1, -3]}', "token 1 is -3"),
+        (b'{"input_ids": [1, 2.5]}', "token 1 is 2.5"),
+        (b'{"input_ids": [1, true]}', "contains true/false"),
+        (openai("c", {"prompt": [1], "n": 2}).encode(), "body.n = 2: one completion per line only"),
+        (openai("c", {"prompt": [1], "stream": True}).encode(), "'stream': true is not supported"),
+        (openai("c", {"prompt": [1], "temperature": "hot"}).encode(), "body.temperature must be a number"),
+        (openai("c", {"prompt": [1], "top_p": 0}).encode(), "body.top_p = 0 is out of range"),
+        (openai("c", {"prompt": [1], "stop": [""]}).encode(), "body.stop must be"),
+        (openai(["c"], {"prompt": [1]}).encode(), "'custom_id' must be a string or an integer, got an array"),
+        (openai("", {"prompt": [1]}).encode(), "'custom_id' is empty"),
+        (openai("long", {"prompt": list(range(100))}).encode(), "the prompt has 100 tokens; the model's context is 100"),
+        (openai("fit", {"prompt": list(range(90)), "max_tokens": 20}).encode(), "exceed the model's context of 100"),
+        (openai("first", {"prompt": [2]}).encode(), "duplicate custom_id 'first' (first on line 1)"),
+    ],
+)
+def test_every_bad_line_says_file_line_and_reason(tmp_path, line, message):
+    first = openai("first", {"prompt": [1]}).encode()
+    path = write_bytes(tmp_path, first + b"\n" + line + b"\n" + openai("last", {"prompt": [3]}).encode() + b"\n")
+    with pytest.raises(BatchFileError) as info:
+        read_file(path, context_len=100)
+    assert str(info.value).startswith(f"{path}:2: ") and message in str(info.value), str(info.value)
+    result = read_file(path, on_error="skip", context_len=100)
+    assert [r.custom_id for r in result.requests] == ["first", "last"]
+    assert [(e.line, str(e)) for e in result.errors] == [(2, str(info.value))]
+
+
+def test_text_without_a_tokenizer_is_a_line_error():
+    with pytest.raises(BatchFileError, match=r"f:1: 'body.prompt' needs a tokenizer"):
+        read_lines([openai("c", {"prompt": "hello"})], "f")
+
+
+def test_an_empty_file_is_an_error(tmp_path):
+    for data in (b"", b"\n\n  \n", b"\xef\xbb\xbf"):
+        with pytest.raises(BatchFileError, match="has no requests"):
+            read_file(write_bytes(tmp_path, data))
+    with pytest.raises(BatchFileError, match="cannot read it"):
+        read_file(str(tmp_path / "missing.jsonl"))
+
+
+def test_invalid_utf8_is_found_anywhere_in_the_file(tmp_path):
+    lines = [json.dumps({"input_ids": [i + 1]}).encode() for i in range(50)]
+    lines[37] = b'{"text": "\xff\xfe"}'
+    result = read_file(write_bytes(tmp_path, b"\n".join(lines)), on_error="skip")
+    assert [e.line for e in result.errors] == [38] and len(result.requests) == 49
