@@ -204,3 +204,43 @@ def test_big_batch_runs_in_waves_without_retraction():
     assert len(result.finished) == 960
     assert len(result.prefix_tokens_computed) == 60 and set(result.prefix_tokens_computed.values()) == {40}
     assert max(s.slots_used for s in result.steps) > 1500 * 0.6, "memory is used, not left idle"
+
+
+_DECISIONS = """
+import json, sys
+sys.path.insert(0, "tests")
+from test_policy import CFG, make_batch
+from sglang_batchllm.planner.session import PlanningSession
+from sglang_batchllm.policy.sim import SimulatedEngine
+from sglang_batchllm.policy import plan_admission
+groups = [(g, [0, 8, 20, 60][g % 4], [(1 + (g * 7 + i) % 12, (g + i) % 6) for i in range(1 + g % 9)]) for g in range(30)]
+engine = SimulatedEngine(700, 64, session=PlanningSession(CFG, max_prefix_tokens=350))
+reqs = make_batch(groups, seed=3)
+engine.submit(reqs[:200])
+trace = []
+for step in range(10_000):
+    if step == 5:
+        engine.submit(reqs[200:])
+    if not engine.running and len(engine.session) == 0:
+        break
+    trace.append(list(plan_admission(engine.session, engine.pool()).offer))
+    engine.step()
+print(json.dumps(trace))
+"""
+
+
+def test_decisions_do_not_depend_on_the_process():
+    # TP ranks are separate processes with their own str hash seeds: the same calls must give
+    # the same admissions in every one of them.
+    import os
+    import subprocess
+    import sys
+
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", _DECISIONS], capture_output=True, text=True, env=env,
+                             cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(out.stdout)
+    assert runs[0] == runs[1] and len(runs[0]) > 100
