@@ -809,3 +809,17 @@ def test_page_rounded_decode_needs_are_reserved():
     sched.run()
     assert_all_finished_once(sched, group + [late])
     sched.assert_drained()
+
+
+def test_decode_budget_reserves_known_budgets_whole_and_caps_early_stoppers():
+    from types import SimpleNamespace
+
+    from sglang_batchllm.runtime.scheduler import EOS_RESERVE_TOKENS, decode_budget
+
+    def req(max_new, ignore_eos):
+        return SimpleNamespace(sampling_params=SimpleNamespace(max_new_tokens=max_new, ignore_eos=ignore_eos))
+
+    assert decode_budget(req(3000, True), 4096) == 3000, "a batch job's budget is reserved whole"
+    assert decode_budget(req(9000, True), 4096) == 4096, "clipped like SGLang's own estimate"
+    assert decode_budget(req(100, False), 4096) == 100
+    assert decode_budget(req(None, False), 4096) == EOS_RESERVE_TOKENS, "chat with max_tokens unset"

@@ -36,6 +36,14 @@ logger = logging.getLogger(__name__)
 # would starve everything else; its requests run as unshared ones.
 MAX_PIN_FRACTION = 0.5
 
+# Decode budget reserved for a request that may stop early (no ignore_eos): its whole
+# max_new_tokens up to this, then this. A batch job's budgets are known and reserved whole; an
+# online chat request with max_tokens unset (the context length) would otherwise reserve 4,096
+# slots and cut concurrency far below vanilla SGLang's (which reserves 0.1-0.7 of the budget and
+# retracts when wrong). Above it, a request that really decodes that long can be retracted:
+# counted and logged, its group's pin kept.
+EOS_RESERVE_TOKENS = 1024
+
 
 @dataclass(frozen=True)
 class AdapterSettings:
@@ -46,9 +54,15 @@ class AdapterSettings:
     clip_max_new_tokens: int = 4096
 
 
+def decode_budget(req: Any, clip: int) -> int:
+    """The decode tokens admission reserves for `req` (see EOS_RESERVE_TOKENS)."""
+    params = req.sampling_params
+    budget = clip if params.max_new_tokens is None else min(int(params.max_new_tokens), clip)
+    return budget if getattr(params, "ignore_eos", False) else min(budget, EOS_RESERVE_TOKENS)
+
+
 def _plan_request(req: Any, clip: int) -> PlanRequest:
-    max_new = req.sampling_params.max_new_tokens
-    return PlanRequest(req.rid, req.origin_input_ids, clip if max_new is None else int(max_new))
+    return PlanRequest(req.rid, req.origin_input_ids, decode_budget(req, clip))
 
 
 def _shareable(req: Any) -> bool:
@@ -173,8 +187,7 @@ class SchedulerAdapter:
             if r.finished():
                 continue
             prompt_left = len(r.origin_input_ids) - _computed_prompt(r)
-            max_new = r.sampling_params.max_new_tokens
-            left = running_need(prompt_left, clip if max_new is None else max_new, len(r.output_ids), clip)
+            left = running_need(prompt_left, decode_budget(r, clip), len(r.output_ids), clip)
             # KV is allocated by whole pages: what a request still needs is the pages between
             # what it holds now and what it will hold at the end
             kv = getattr(r, "kv", None)
