@@ -5,7 +5,13 @@ Writes a file of N token-id requests (default 100,000 x 2,200 tokens: 400 groups
 reads and validates every line and plans the batch, printing wall time and peak memory
 (`resource.getrusage` max RSS). Target: under 60 s and under 2 GB on one core.
 
-    python scripts/bench_batch_reader.py [--requests N] [--tokens T] [--file PATH] [--keep]
+`--text` writes native text lines instead (`{"id", "text", "max_new_tokens"}`, the same shape:
+groups of 250 sharing a prefix text of about 2,000 tokens, then about 200 tokens of their own),
+in words of the bundled model's corpus, and the measurement tokenizes them with the bundled
+tokenizer (sglang_batchllm/bundled_model), as `python -m sglang_batchllm.batch` does by default;
+it reports the mean prompt length it got, and the tokenizer's load time apart.
+
+    taskset -c 0 python scripts/bench_batch_reader.py [--text] [--requests N] [--tokens T] [--file PATH] [--keep]
 """
 
 from __future__ import annotations
@@ -33,20 +39,54 @@ def generate(path: str, requests: int, tokens: int, group_size: int = 250, prefi
             f.write(json.dumps({"id": f"r{i}", "input_ids": shared + own, "max_new_tokens": 100}) + "\n")
 
 
-def measure(path: str) -> None:
+def generate_text(path: str, requests: int, tokens: int, group_size: int = 250, prefix: int = 2000) -> None:
+    """Text lines of about `tokens` bundled-tokenizer tokens, groups sharing about `prefix`."""
+    from sglang_batchllm import bundled_model
+    from sglang_batchllm.jobs.tokenizer import HFEncoder
+
+    corpus = open(os.path.join(bundled_model.model_dir(), "corpus.txt"), encoding="utf-8").read()
+    words = sorted(set(corpus.split()))
+    encoder = HFEncoder(bundled_model.model_dir())
+    rng = random.Random(0)
+    sample = " ".join(rng.choice(words) for _ in range(5000))
+    per_word = len(encoder.encode(sample)) / 5000  # tokens a word, to size the texts
+    prefix = min(prefix, tokens - 1)
+    own_words = max(1, round((tokens - prefix) / per_word))
+    with open(path, "w", encoding="utf-8") as f:
+        shared = ""
+        for i in range(requests):
+            if i % group_size == 0:
+                shared = f"Document {i // group_size}: " + " ".join(
+                    rng.choice(words) for _ in range(round(prefix / per_word)))
+            own = " ".join(rng.choice(words) for _ in range(own_words))
+            f.write(json.dumps({"id": f"r{i}", "text": f"{shared}\nQuestion {i}: {own}", "max_new_tokens": 100}) + "\n")
+
+
+def measure(path: str, text: bool = False) -> None:
     from sglang_batchllm.jobs.reader import read_file
     from sglang_batchllm.planner import PlannerConfig
     from sglang_batchllm.planner.build import IncrementalPlanner
 
+    encoder, load_s = None, 0.0
+    if text:
+        from sglang_batchllm import bundled_model
+        from sglang_batchllm.jobs.tokenizer import HFEncoder
+
+        t = time.perf_counter()
+        encoder = HFEncoder(bundled_model.model_dir())
+        load_s = time.perf_counter() - t
     t0 = time.perf_counter()
-    result = read_file(path)
+    result = read_file(path, encoder=encoder)
     t1 = time.perf_counter()
     planner = IncrementalPlanner(PlannerConfig())
     planner.add(r.plan for r in result.requests)
     plan = planner.plan()
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"requests": len(result.requests), "bytes": result.size, "read_validate_s": round(t1 - t0, 1),
+    print(json.dumps({"mode": "text" if text else "token ids", "requests": len(result.requests),
+                      "mean_prompt_tokens": round(result.prompt_tokens / max(1, len(result.requests))),
+                      "tokenizer_load_s": round(load_s, 1), "cores": len(os.sched_getaffinity(0)),
+                      "bytes": result.size, "read_validate_s": round(t1 - t0, 1),
                       "plan_s": round(t2 - t1, 1), "total_s": round(t2 - t0, 1), "peak_rss_gib": round(peak, 2),
                       "groups": plan.metrics.num_shared_groups, "saving": round(plan.metrics.saving, 4)}))
 
@@ -55,22 +95,24 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--tokens", type=int, default=2200)
+    p.add_argument("--text", action="store_true", help="text lines, tokenized with the bundled tokenizer")
     p.add_argument("--file", help="use (or write) this file instead of a temporary one")
     p.add_argument("--keep", action="store_true", help="keep the generated file")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.measure:
-        measure(args.measure)
+        measure(args.measure, args.text)
         return
-    path = args.file or os.path.join(tempfile.gettempdir(), f"batch-{args.requests}x{args.tokens}.jsonl")
+    kind = "text" if args.text else "ids"
+    path = args.file or os.path.join(tempfile.gettempdir(), f"batch-{kind}-{args.requests}x{args.tokens}.jsonl")
     if not os.path.exists(path):
         t = time.perf_counter()
-        generate(path, args.requests, args.tokens)
+        (generate_text if args.text else generate)(path, args.requests, args.tokens)
         print(f"wrote {path}: {os.path.getsize(path) / 2**30:.2f} GiB in {time.perf_counter() - t:.0f} s",
               file=sys.stderr)
     print(f"reproduce: {sys.executable} {' '.join(sys.argv)}", file=sys.stderr)
     try:
-        subprocess.run([sys.executable, __file__, "--measure", path], check=True)
+        subprocess.run([sys.executable, __file__, "--measure", path, *(["--text"] if args.text else [])], check=True)
     finally:
         if not args.keep and not args.file:
             os.remove(path)

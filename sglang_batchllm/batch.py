@@ -111,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     config = _batchllm_config(parser, args)
     if not args.dry_run and not args.output:
         parser.error("-o/--output is required (or pass --dry-run)")
+    if args.fake_delay and not args.fake_engine:
+        parser.error("--fake-delay is the fake engine's; it needs --fake-engine")
+    if args.dry_run:  # the same command with --dry-run added is fine; say what it leaves out
+        unused = [flag for flag, given in (("--errors", args.errors is not None), ("--ordered", args.ordered),
+                                           ("--progress", args.progress != "auto"),
+                                           ("--fake-engine", args.fake_engine)) if given]
+        if unused:
+            print(f"warning: --dry-run runs and writes nothing, so {', '.join(unused)} "
+                  f"{'has' if len(unused) == 1 else 'have'} no effect", file=sys.stderr)
     sg = _sglang_peek(rest)
     from . import bundled_model
 
@@ -212,21 +221,14 @@ def _backend(args, rest, config, model_dir, sg):
         from .jobs.engines import FakeBackend
 
         return FakeBackend(delay=args.fake_delay)
-    from .jobs.engines import SGLangBackend
-    from .launch_server import with_default_model
+    from .compat import device_in_argv, require_cuda
 
-    try:
-        import torch
-
-        has_gpu = torch.cuda.is_available()
-    except ImportError:
-        has_gpu = False
-    if not has_gpu:
-        raise SystemExit("error: running a batch needs a CUDA GPU and none was found; --dry-run validates the"
-                         " file and previews the plan without one")
+    require_cuda(device_in_argv(rest), what="running a batch (without --dry-run)")
     from sglang.srt.server_args import prepare_server_args
 
     from .defaults import with_default_flags
+    from .jobs.engines import SGLangBackend
+    from .launch_server import with_default_model
 
     server_args = prepare_server_args(with_default_model(with_default_flags(list(rest))))
     name = sg.served_model_name or os.path.basename(os.path.normpath(model_dir))

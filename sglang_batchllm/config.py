@@ -142,9 +142,23 @@ class BatchLLMConfig:
 
 def is_enabled(environ: Mapping[str, str] | None = None) -> bool:
     """Only the master switch, read without validating the rest: a disabled plugin must not
-    fail (or do anything at all) because of some other BatchLLM variable."""
+    fail (or do anything at all) because of some other BatchLLM variable.
+
+    Unset or empty is off. A value that is neither on nor off (`maybe`) raises `ConfigError`:
+    someone set the switch meaning something, and guessing "off" would silently run plain
+    SGLang (the plugin's `register()` turns it into a SystemExit)."""
     environ = os.environ if environ is None else environ
-    return environ.get(env_name("enable"), "").strip().lower() in _TRUE
+    key = env_name("enable")
+    raw = environ.get(key)
+    if raw is None:
+        return False
+    try:
+        return _parse(_FIELDS["enable"], raw, source=key)
+    except ConfigError:
+        raise ConfigError(
+            f"{key}={raw!r} is neither on nor off: use 1/true/yes/on to turn BatchLLM on, "
+            f"0/false/no/off (or unset {key}) to leave it off"
+        ) from None
 
 
 def env_name(field_name: str) -> str:
@@ -160,6 +174,7 @@ def cli_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(BatchLLMConfig) if f.metadata["cli"]]
 
 
+_FIELDS = {f.name: f for f in dataclasses.fields(BatchLLMConfig)}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 

@@ -13,7 +13,7 @@ from typing import Any
 from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 from sglang_batchllm import bundled_model
-from sglang_batchllm.compat import check_sglang_version
+from sglang_batchllm.compat import check_sglang_version, require_cuda
 from sglang_batchllm.config import BatchLLMConfig, ConfigError
 from sglang_batchllm.defaults import with_default_kwargs
 from sglang_batchllm.plugin import require_entry_point
@@ -40,6 +40,8 @@ class Engine(_SGLangEngine):
     def __init__(self, *, batchllm: BatchLLMConfig | None = None, **kwargs: Any):
         check_sglang_version()
         require_entry_point()
+        if "server_args" not in kwargs:  # a built ServerArgs has its device already
+            require_cuda(kwargs.get("device"), what="sglang_batchllm.Engine()", other_device="device=")
         base = batchllm if batchllm is not None else BatchLLMConfig.from_env()
         config = split_batchllm_kwargs(kwargs, base).replace(enable=True)
         if "server_args" not in kwargs and kwargs.get("model_path") is None:

@@ -11,7 +11,7 @@ import os
 import sys
 
 from sglang_batchllm import bundled_model
-from sglang_batchllm.compat import check_sglang_version
+from sglang_batchllm.compat import check_sglang_version, device_in_argv, require_cuda
 from sglang_batchllm.config import env_name
 from sglang_batchllm.defaults import with_default_flags
 from sglang_batchllm.plugin import require_entry_point
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ[env_name("enable")] = "1"
     check_sglang_version()
     require_entry_point()
+    if not _given(argv, _HELP_FLAGS):  # --help works on any machine
+        require_cuda(device_in_argv(argv), what="`python -m sglang_batchllm.launch_server`")
 
     from sglang.srt.plugins import load_plugins
 

@@ -1,7 +1,8 @@
 """`python -m sglang_batchllm.plan BATCH.jsonl`: preview the prefix plan of a batch file.
 
 Prints which prefixes the batch shares, how many prefill tokens the plan saves, and (with
-`--kv-tokens N`) what an LRU prefix cache of N tokens would recompute on the file's order.
+`--kv-tokens N`) what SGLang's LRU prefix cache of N tokens would compute without the plan, on
+the file's order and on the plan's (a simulation), next to the plan's own prefill.
 Exit status: 0 done, 1 bad input (`--on-error stop`) or tokenizer trouble, 2 bad usage.
 """
 
@@ -53,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=_non_negative, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help=f"decode budget of lines that do not give one (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--kv-tokens", type=_positive, metavar="N",
-                   help="also simulate an LRU prefix cache of N tokens on the file's order and on the plan's")
-    p.add_argument("--prefill-tokens", type=_non_negative, default=0, metavar="N",
+                   help="also simulate SGLang's LRU prefix cache of N tokens without the plan, on the file's order and on the"
+                        " plan's, next to the plan's own prefill")
+    p.add_argument("--prefill-tokens", type=_non_negative, default=None, metavar="N",
                    help="with --kv-tokens: simulate prefill batches of N tokens (the engine's chunked prefill"
                         " size), whose requests cannot reuse each other's prefix (default 0: one at a time)")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="stop",
@@ -62,10 +64,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--token-ids", action="store_true", help="with --json: include each group's prefix token ids")
     p.add_argument("--compare-paper", action="store_true", help="also report the paper's flattening rule")
-    p.add_argument("--top", type=_non_negative, default=10, metavar="N", help="shared prefixes to list (default 10)")
+    p.add_argument("--top", type=_non_negative, default=None, metavar="N",
+                   help="shared prefixes to list in the report (default 10; --json lists every group)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar while reading (auto: large files on a terminal)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # A flag that only works with another one is an error alone, not silently ignored.
+    if args.prefill_tokens is not None and not args.kv_tokens:
+        p.error("--prefill-tokens sets the LRU simulation's prefill batch; it needs --kv-tokens N")
+    if args.token_ids and not args.json:
+        p.error("--token-ids adds token ids to the JSON output; it needs --json")
+    if args.top is not None and args.json:
+        p.error("--top limits the report's list; --json lists every group (drop one of them)")
+    args.prefill_tokens = args.prefill_tokens or 0
+    args.top = 10 if args.top is None else args.top
+    return args
 
 
 def _setting(name: str):
@@ -186,8 +199,11 @@ def _main(argv: list[str] | None) -> int:
                                  "saving": paper.metrics.saving}
         if cache_runs:
             out["lru_cache"] = {
+                "what": "computed prefill tokens of SGLang's LRU prefix cache alone (no plan), simulated;"
+                        " compare with physical_prefill_tokens, the plan's own",
                 "kv_tokens": args.kv_tokens,
                 "prefill_tokens": args.prefill_tokens,
+                "plan_physical_prefill_tokens": plan.metrics.physical_prefill_tokens,
                 **{label.replace(" ", "_"): {"computed_tokens": r.computed_tokens, "saving": r.saving}
                    for label, r in cache_runs},
             }

@@ -5,6 +5,8 @@ SGLang calls `register()` in every process that loads plugins: the launcher's ma
 
 - inert unless BatchLLM is enabled (`SGLANG_BATCHLLM_ENABLE=1`, set by our launcher and
   Engine): installing the package never changes a plain `sglang` run;
+  a switch set to something that is neither on nor off (`maybe`) stops the process with
+  a message, as it is a user error, not a plain run;
 - idempotent: registering hooks twice in one process would wrap targets twice;
 - free of CUDA: in the scheduler it runs before the device is configured, so it only
   registers hooks; nothing here allocates tensors or compiles kernels.
@@ -29,7 +31,11 @@ _active_config: BatchLLMConfig | None = None
 
 def register() -> None:
     global _active_config
-    if not is_enabled():
+    try:
+        enabled = is_enabled()
+    except ConfigError as err:  # the switch is set but unreadable: say so rather than run plain SGLang
+        raise SystemExit(f"sglang_batchllm: {err}") from None
+    if not enabled:
         return
     if _active_config is not None:
         return

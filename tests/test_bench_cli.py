@@ -27,6 +27,18 @@ def test_bad_arguments_say_what_to_do(capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--report-only", "r.json", "--arms", "batchllm"], "--report-only re-renders a result.json and runs nothing; --arms"),
+    (["--dry-run", "--resume"], "--dry-run starts no engine; --resume would have no effect"),
+    (["--dry-run", "--fake-engine"], "--dry-run starts no engine; --fake-engine"),
+])
+def test_flags_that_would_do_nothing_are_refused(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+    cli.parse_args(["--report-only", "r.json", "--out", "x"])  # --out goes with it
+
+
 def test_uninstalled_vanilla_backend_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(cli, "backend_installed", lambda name: False)
     with pytest.raises(SystemExit):
@@ -95,6 +107,16 @@ def test_dry_run_starts_nothing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "authors[x0.125]: 800 requests" in out and "prefill floor" in out
     assert not (tmp_path / "raw").exists()
+
+
+def test_fake_engine_needs_no_matmul_rate(tmp_path, monkeypatch):
+    """--fake-engine alone runs (the documented command): it assumes the baseline H200's rate."""
+    monkeypatch.setattr(cli, "measure_matmul", lambda out: pytest.fail("the fake engine measured a matmul"))
+    argv = [a for a in SMALL if a not in ("--matmul-tflops", "100")]
+    assert cli.main(argv + ["--arms", "vanilla", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "result.json").read_text())
+    assert record["matmul"]["matmul_tflops"] == cli.FAKE_ENGINE_TFLOPS == 790.0
+    assert "fake engine" in record["matmul"]["gemm"]
 
 
 def test_fake_pipeline_end_to_end(tmp_path, capsys):

@@ -47,6 +47,19 @@ def test_master_switch_is_read_without_validating_the_rest():
     assert not is_enabled({"SGLANG_BATCHLLM_LEVELS": "garbage"})
     assert is_enabled({"SGLANG_BATCHLLM_ENABLE": "1"})
     assert not is_enabled({"SGLANG_BATCHLLM_ENABLE": "0"})
+    assert is_enabled({"SGLANG_BATCHLLM_ENABLE": " On "})
+    assert not is_enabled({"SGLANG_BATCHLLM_ENABLE": ""})
+    assert not is_enabled({})
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "enabled", "tru"])
+def test_unreadable_master_switch_is_an_error_naming_the_variable(value):
+    with pytest.raises(ConfigError) as err:
+        is_enabled({"SGLANG_BATCHLLM_ENABLE": value})
+    message = str(err.value)
+    assert f"SGLANG_BATCHLLM_ENABLE={value!r}" in message
+    for accepted in ("1/true/yes/on", "0/false/no/off", "unset"):
+        assert accepted in message
 
 
 def test_exported_restores_environment():

@@ -135,3 +135,92 @@ def test_invalid_utf8_is_found_anywhere_in_the_file(tmp_path):
     lines[37] = b'{"text": "\xff\xfe"}'
     result = read_file(write_bytes(tmp_path, b"\n".join(lines)), on_error="skip")
     assert [e.line for e in result.errors] == [38] and len(result.requests) == 49
+
+
+# ---- text lines are tokenized in batches -------------------------------------------------------
+
+
+class BatchCharEncoder(CharEncoder):
+    """CharEncoder with `encode_batch`; a text containing 'BOOM' makes the tokenizer fail."""
+
+    def __init__(self):
+        self.batches = []
+
+    def encode(self, text):
+        if "BOOM" in text:
+            raise RuntimeError("the tokenizer exploded")
+        return super().encode(text)
+
+    def encode_batch(self, texts):
+        self.batches.append(len(texts))
+        return [self.encode(t) for t in texts]
+
+
+def _mixed_lines(n):
+    """Text lines (both formats), token-id lines and bad lines interleaved."""
+    out = []
+    for i in range(n):
+        kind = i % 5
+        if kind == 0:
+            out.append(json.dumps({"id": f"n{i}", "text": f"text line {i}"}))
+        elif kind == 1:
+            out.append(openai(f"o{i}", {"prompt": f"prompt {i}", "max_tokens": 3}))
+        elif kind == 2:
+            out.append(json.dumps({"id": f"t{i}", "input_ids": [1, 2, i + 3]}))
+        elif kind == 3:
+            out.append(openai(f"b{i}", {"prompt": "BOOM" if i % 2 else "", "max_tokens": 3}))  # bad
+        else:
+            out.append(json.dumps({"id": f"n{i - 4}", "text": "again"}))  # duplicate of line i-3
+    return out
+
+
+def test_batched_tokenizing_keeps_file_order_and_line_errors():
+    from sglang_batchllm.jobs.tokenizer import BATCH_LINES
+
+    lines = _mixed_lines(1500)
+    batched = BatchCharEncoder()
+    got = read_lines(lines, "f.jsonl", encoder=batched, on_error="skip")
+    one_at_a_time = BatchCharEncoder()
+    one_at_a_time.encode_batch = None  # an encoder without encode_batch: the reader's line-by-line path
+    want = read_lines(lines, "f.jsonl", encoder=one_at_a_time, on_error="skip")
+    assert [(r.line, r.index, r.custom_id, r.plan.input_ids.tolist(), r.max_new_tokens) for r in got.requests] == \
+        [(r.line, r.index, r.custom_id, r.plan.input_ids.tolist(), r.max_new_tokens) for r in want.requests]
+    assert [str(e) for e in got.errors] == [str(e) for e in want.errors]
+    assert len(got.requests) == 900 and len(got.errors) == 600
+    assert "f.jsonl:4: the tokenizer failed on 'body.prompt': the tokenizer exploded" in {str(e) for e in got.errors}
+    assert "f.jsonl:5: duplicate custom_id 'n0' (first on line 1); ids must be unique" in {str(e) for e in got.errors}
+    texts = 1500 * 3 // 5  # kinds 0, 1, 4 are text; the failing ones (BOOM) never reach the batch
+    assert sum(batched.batches) >= texts - 1500 // 10 and max(batched.batches) <= BATCH_LINES
+    assert len(batched.batches) < texts // BATCH_LINES + 8  # batches, not lines (+ line-by-line redos)
+
+
+def test_batched_tokenizing_stops_at_the_first_bad_line_in_file_order():
+    lines = [json.dumps({"id": f"n{i}", "text": f"line {i}"}) for i in range(10)]
+    lines.insert(5, json.dumps({"id": "x", "input_ids": "nope"}))  # line 6, after five queued texts
+    with pytest.raises(BatchFileError, match=r"^f:6: 'input_ids' must be a list of token ids"):
+        read_lines(lines, "f", encoder=BatchCharEncoder())
+
+
+def test_the_bundled_tokenizer_batches_the_same_ids_as_one_at_a_time():
+    from sglang_batchllm import bundled_model
+    from sglang_batchllm.jobs.tokenizer import HFEncoder
+
+    enc = HFEncoder(bundled_model.model_dir())
+    texts = ["The quick brown fox", "jumps over", "the lazy dog. " * 40, "a", "<s> special?", "ünïcödé"]
+    assert enc.encode_batch(texts) == [enc.encode(t) for t in texts]
+    assert enc.encode_batch([]) == [] and enc.encode_batch(["one"]) == [enc.encode("one")]
+
+
+def test_token_id_lines_behind_a_text_line_do_not_pile_up():
+    from sglang_batchllm.jobs.reader import Reader
+    from sglang_batchllm.jobs.tokenizer import BATCH_LINES
+
+    enc = BatchCharEncoder()
+    reader = Reader("f", encoder=enc)
+    reader.feed(1, json.dumps({"id": "text", "text": "hello"}))
+    for n in range(2, 10 * BATCH_LINES):
+        reader.feed(n, json.dumps({"id": f"t{n}", "input_ids": [1, n]}))
+        assert len(reader._queue) <= 4 * BATCH_LINES
+    result = reader.finish()
+    assert [r.index for r in result.requests] == list(range(10 * BATCH_LINES - 1))
+    assert result.requests[0].plan.input_ids.tolist() == [ord(c) for c in "hello"]

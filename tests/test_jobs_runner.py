@@ -148,6 +148,17 @@ def test_empty_file_and_dry_run(tmp_path, capsys):
     assert info.value.code == 2
 
 
+def test_flags_a_dry_run_does_not_use_are_named(tmp_path, capsys):
+    src = write(tmp_path, lines())
+    assert main([src, "--dry-run", "--ordered", "--errors", str(tmp_path / "e.jsonl")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --dry-run runs and writes nothing, so --errors, --ordered have no effect" in err
+    assert not (tmp_path / "e.jsonl").exists()
+    with pytest.raises(SystemExit) as exc:
+        main([src, "-o", str(tmp_path / "o.jsonl"), "--fake-delay", "0.1"])
+    assert exc.value.code == 2 and "--fake-delay is the fake engine's" in capsys.readouterr().err
+
+
 def test_dry_run_imports_nothing_heavy(tmp_path):
     src = write(tmp_path, lines())
     code = ("import sys; from sglang_batchllm.batch import main; rc = main([%r, '--dry-run']);"

@@ -79,3 +79,74 @@ def test_engine_is_an_sglang_engine_and_splits_our_keywords():
     assert kwargs == {"model_path": "m"}
     with pytest.raises(ConfigError, match="batchllm_levels"):
         split_batchllm_kwargs({"batchllm_level": 2}, BatchLLMConfig())
+
+
+# ---- no CUDA GPU: a plain message, not SGLang's "No accelerator" traceback -------------------
+
+def _no_gpu_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.pop("SGLANG_USE_CPU_ENGINE", None)
+    return env
+
+
+def _assert_plain_no_gpu_message(out):
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "No accelerator" not in out.stderr, out.stderr[-3000:]
+    assert "needs a CUDA GPU" in out.stderr
+    for runs_without_one in ("sglang_batchllm.plan", "sglang_batchllm.batch", "--dry-run", "pytest"):
+        assert runs_without_one in out.stderr
+
+
+def test_launch_server_without_a_gpu_says_so_plainly():
+    out = subprocess.run([sys.executable, "-m", "sglang_batchllm.launch_server", "--port", "30123"],
+                         capture_output=True, text=True, env=_no_gpu_env(), timeout=300)
+    _assert_plain_no_gpu_message(out)
+
+
+def test_engine_without_a_gpu_says_so_plainly():
+    code = "import sglang_batchllm; sglang_batchllm.Engine()"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_no_gpu_env(),
+                         timeout=300)
+    _assert_plain_no_gpu_message(out)
+    assert "device=" in out.stderr
+
+
+def test_gpu_check_respects_an_explicit_device(monkeypatch, tmp_path):
+    from sglang_batchllm import compat
+
+    monkeypatch.setattr(compat, "cuda_available", lambda: False)
+    with pytest.raises(compat.NoCudaGPU, match="needs a CUDA GPU"):
+        compat.require_cuda(None, environ={})
+    compat.require_cuda("cpu", environ={})  # the user asked for another device: SGLang's business
+    compat.require_cuda(None, environ={"SGLANG_USE_CPU_ENGINE": "1"})
+    monkeypatch.setattr(compat, "cuda_available", lambda: True)
+    compat.require_cuda(None, environ={})
+
+    assert compat.device_in_argv(["--port", "1"]) is None
+    assert compat.device_in_argv(["--device", "cpu"]) == "cpu"
+    assert compat.device_in_argv(["--device=xpu"]) == "xpu"
+    config = tmp_path / "c.yaml"
+    config.write_text("device: cpu\nport: 1\n")
+    assert compat.device_in_argv(["--config", str(config)]) == "cpu"
+    config.write_text("port: 1\n")
+    assert compat.device_in_argv([f"--config={config}"]) is None
+
+
+def test_engine_checks_the_gpu_before_building_server_args(monkeypatch):
+    """With mocks on CPU: no GPU and no device stops with NoCudaGPU before SGLang is involved; a
+    device (or a ready ServerArgs) reaches SGLang's constructor."""
+    from sglang.srt.entrypoints.engine import Engine as SGLangEngine
+
+    from sglang_batchllm import Engine, compat
+
+    monkeypatch.setattr(compat, "cuda_available", lambda: False)
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    reached = []
+    monkeypatch.setattr(SGLangEngine, "__init__", lambda self, **kw: reached.append(kw))
+    with pytest.raises(compat.NoCudaGPU):
+        Engine()
+    assert reached == []
+    Engine(device="cpu")
+    Engine(server_args=object())
+    assert len(reached) == 2 and reached[0]["device"] == "cpu"

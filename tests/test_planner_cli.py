@@ -132,6 +132,36 @@ def test_report(tmp_path, capsys):
     assert "3 x 4  (groups x requests)" in out
 
 
+def test_lru_simulation_says_what_its_numbers_are(tmp_path, capsys):
+    """--kv-tokens: the simulated LRU figures are labelled as the cache WITHOUT the plan, and each
+    is set against the plan's physical prefill, so a reader cannot take one for a plan that lost."""
+    path = write(tmp_path, native_lines())
+    assert main([path, "--kv-tokens", "100000", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    physical = build_plan(read_batch(native_lines())[0], PlannerConfig()).metrics.physical_prefill_tokens
+    assert "without the plan: SGLang's LRU prefix cache alone" in out and "simulated" in out
+    assert "one request at a time, the cache's best case" in out
+    assert f"as many as the plan's {physical:,}" in out or f"more than the plan's {physical:,}" in out
+    assert f"the plan's {physical:,} is its physical prefill" in out
+    assert "vs this plan" not in out
+    # a cache figure below the plan's says where it comes from
+    assert main([path, "--kv-tokens", "100000", "--min-prefix", "1000", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "fewer than the plan's" in out and "prefixes the plan does not share" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prefill-tokens", "8192"], "--prefill-tokens sets the LRU simulation's prefill batch; it needs --kv-tokens"),
+    (["--token-ids"], "--token-ids adds token ids to the JSON output; it needs --json"),
+    (["--json", "--top", "3"], "--top limits the report's list"),
+])
+def test_a_flag_that_needs_another_is_an_error(tmp_path, capsys, argv, message):
+    path = write(tmp_path, native_lines())
+    with pytest.raises(SystemExit) as exc:
+        main([path, *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_json_matches_the_library(tmp_path, capsys):
     lines = native_lines()
     path = write(tmp_path, lines)
@@ -143,6 +173,7 @@ def test_json_matches_the_library(tmp_path, capsys):
         assert out[key] == plan.to_dict()[key]
     assert [g["prefix_len"] for g in out["groups"]] == [96, 96, 96]
     assert out["lru_cache"]["kv_tokens"] == 1000 and out["skipped_lines"] == []
+    assert out["lru_cache"]["plan_physical_prefill_tokens"] == out["physical_prefill_tokens"]
 
 
 def test_stop_and_skip(tmp_path, capsys):

@@ -149,6 +149,24 @@ def test_bad_setting_stops_when_enabled():
     assert out.returncode != 0 and "out of range" in out.stderr
 
 
+def test_unreadable_master_switch_stops_a_process_that_loads_the_plugin():
+    # Set but neither on nor off: a user error, not a plain run. SystemExit passes SGLang's loader.
+    code = """
+    from sglang.srt.plugins import load_plugins
+    load_plugins()
+    print("ran")
+    """
+    out = _run(code, {"SGLANG_BATCHLLM_ENABLE": "maybe"})
+    assert out.returncode != 0 and "ran" not in out.stdout
+    assert "SGLANG_BATCHLLM_ENABLE='maybe'" in out.stderr and "1/true/yes/on" in out.stderr
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_empty_master_switch_is_off():
+    result = _probe({"SGLANG_BATCHLLM_ENABLE": ""})
+    assert result["our_hooks"] == [] and not result["patches_imported"]
+
+
 def _sglang_help(env_extra=None) -> str:
     # SGLang builds some choice lists from sets: fix the hash seed so two runs print alike.
     env_extra = {"PYTHONHASHSEED": "0", **(env_extra or {})}

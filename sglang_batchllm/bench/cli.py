@@ -3,7 +3,8 @@ the same GPU, model and requests.
 
 Phases, each arm in a fresh child process (runner.py says why):
 1. build the workloads (seeded), their sharing structure and the planner's plan (CPU, here);
-2. measure the bf16 matmul rate (child process; skipped with --matmul-tflops);
+2. measure the bf16 matmul rate (child process; skipped with --matmul-tflops, and with
+   --dry-run or --fake-engine, which assume the baseline H200's 790 TFLOP/s);
 3. each arm selected with --arms over all workloads (child process each; arms.py);
 4. gather the arms of earlier commands with the same --out and settings, compare every arm's
    outputs with vanilla's, write result.json / report.md / PNGs, print the table and the command.
@@ -39,6 +40,7 @@ from .workloads import WORKLOADS, Workload, WorkloadSpec, check_workload_name, s
 
 QUICK_SCALE = 1 / 8
 DRY_RUN_TFLOPS = 790.0  # bf16 matmul on the baseline's H200 (docs/baseline.md)
+FAKE_ENGINE_TFLOPS = DRY_RUN_TFLOPS  # --fake-engine measures nothing: the floors use this rate
 VANILLA_BACKENDS = ("triton", "flashinfer", "fa3")
 # Engine keywords the fake engine honours besides batchllm_*: SGLang's own KV pool cap, so
 # `--engine-arg max_total_tokens=N` sizes the fake's pool as it would the real one's.
@@ -78,10 +80,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="reuse runs of the selected arms already in --out whose settings match")
     p.add_argument("--dry-run", action="store_true", help="build workloads, plan and floor; start no engine")
     p.add_argument("--fake-engine", action="store_true",
-                   help="CPU smoke test: the whole pipeline with a fake engine (bench/fake.py) instead of SGLang")
+                   help="CPU smoke test: the whole pipeline with a fake engine (bench/fake.py) instead of SGLang; "
+                        f"the floors assume {FAKE_ENGINE_TFLOPS:g} TFLOP/s unless --matmul-tflops is given")
     p.add_argument("--report-only", metavar="RESULT_JSON", help="re-render report.md and PNGs from a result.json")
     p.add_argument("--out", help="output directory (default: bench-out/<UTC time>)")
     args = p.parse_args(argv)
+    _flags_that_need_another(p, args)
     try:
         OutputTolerance(args.match_tokens, args.match_fraction)
     except ValueError as exc:
@@ -111,6 +115,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.vanilla_backend != "triton" and not backend_installed(args.vanilla_backend):
         p.error(f"--vanilla-backend {args.vanilla_backend} is not installed on this host; use triton (the default)")
     return args
+
+
+def _flags_that_need_another(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A flag that does nothing in this command is an error, not silently ignored."""
+    given = [a.option_strings[0] for a in p._actions
+             if a.option_strings and a.dest != "help" and getattr(args, a.dest) != a.default]
+    if args.report_only:
+        extra = [f for f in given if f not in ("--report-only", "--out")]
+        if extra:
+            p.error(f"--report-only re-renders a result.json and runs nothing; {', '.join(extra)} "
+                    "would have no effect (only --out goes with it)")
+    if args.dry_run:
+        extra = [f for f in given if f in ("--arms", "--resume", "--fake-engine", "--match-tokens",
+                                           "--match-fraction", "--no-progress")]
+        if extra:
+            p.error(f"--dry-run starts no engine; {', '.join(extra)} would have no effect")
 
 
 def _workload_name(name: str) -> str:
@@ -249,9 +269,10 @@ def _run(args: argparse.Namespace, command: str) -> int:
     facts = [_facts(w, args.no_plan) for w in workloads]
 
     print(f"[2/{phases}] bf16 matmul rate", flush=True)
-    if args.matmul_tflops or args.dry_run:
-        matmul = {"matmul_tflops": args.matmul_tflops or DRY_RUN_TFLOPS,
-                  "gemm": "given" if args.matmul_tflops else "assumed (dry run: H200, docs/baseline.md)"}
+    if args.matmul_tflops or args.dry_run or args.fake_engine:
+        assumed = "dry run" if args.dry_run else "fake engine"
+        matmul = {"matmul_tflops": args.matmul_tflops or (DRY_RUN_TFLOPS if args.dry_run else FAKE_ENGINE_TFLOPS),
+                  "gemm": "given" if args.matmul_tflops else f"assumed ({assumed}: H200, docs/baseline.md)"}
     else:
         matmul = measure_matmul(out)
     tflops = matmul["matmul_tflops"]

@@ -15,11 +15,14 @@ the first, `"skip"` records it and goes on. Nothing raises anything else on bad 
 Memory: the file is read line by line in binary (and hashed on the way, for the output's record
 of its input); each good line keeps only its packed token ids (`TokenIds`, 4 bytes a token) and
 its few sampling params. Text is tokenized here, once, so the planner and the engine get the
-same ids and nothing tokenizes it again.
+same ids and nothing tokenizes it again; with an encoder that has `encode_batch` (HFEncoder)
+text lines are tokenized 256 at a time (`tokenizer.BATCH_LINES`), in file order, and a line the
+tokenizer fails on still gets its own `FILE:LINE` error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -31,7 +34,7 @@ from typing import Any, BinaryIO
 
 from ..planner.inputs import PlanInputError, PlanRequest
 from .records import CHAT, COMPLETIONS, URLS, BatchFileError, JobRequest, LineError
-from .tokenizer import TextEncoder
+from .tokenizer import BATCH_LINES, TextEncoder
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default for a request that does not say
 ON_ERROR_CHOICES = ("stop", "skip")
@@ -68,6 +71,28 @@ class ReadResult:
         return sum(r.prompt_len for r in self.requests)
 
 
+class _Text(str):
+    """A prompt text whose tokenizing waits for the batch (see `Reader._flush`)."""
+
+    __slots__ = ()
+
+    @property
+    def text(self) -> str:
+        return str(self)
+
+
+@dataclass(slots=True)
+class _TextLine:
+    """A parsed line whose prompt is text still to be tokenized."""
+
+    text: str
+    rid: str | None
+    url: str
+    max_new: int | None
+    sampling: dict[str, Any]
+    name: str
+
+
 class Reader:
     """Reads lines one at a time (`feed`), or a whole file (`read_file`)."""
 
@@ -87,9 +112,16 @@ class Reader:
         self.result = ReadResult(source)
         self._first_line_of: dict[str, int] = {}
         self._hash = hashlib.sha256()
+        # Text lines wait here to be tokenized BATCH_LINES at a time; once one waits, every later
+        # line (good or bad) queues behind it, so requests and errors stay in file order.
+        self._batching = callable(getattr(encoder, "encode_batch", None))
+        self._queue: list[tuple[int, Any]] = []
+        self._queued_texts = 0
 
     def feed(self, number: int, raw: bytes | str) -> None:
-        """Parse line `number` (1-based); raise `BatchFileError` if bad and stopping."""
+        """Parse line `number` (1-based); raise `BatchFileError` if bad and stopping (a text line
+        is tokenized in a batch, so its error may be raised a few hundred lines later, still
+        naming its own line)."""
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")
         self._hash.update(raw)
@@ -100,20 +132,80 @@ class Reader:
             return
         self.result.lines += 1
         try:
-            req = self._parse(number, raw)
-            first = self._first_line_of.get(req.custom_id)
+            item: Any = self._parse(number, raw)
+        except PlanInputError as exc:
+            item = exc
+        if isinstance(item, _TextLine):
+            self._queued_texts += 1
+        if self._queue or isinstance(item, _TextLine):
+            self._queue.append((number, item))
+            # full batch; or many token-id lines behind a few texts (bounded memory); or a bad
+            # line under stop (stop now, reading no further)
+            if (self._queued_texts >= BATCH_LINES or len(self._queue) >= 4 * BATCH_LINES
+                    or (self.on_error == "stop" and isinstance(item, PlanInputError))):
+                self._flush()
+            return
+        self._commit(number, item)
+
+    def _commit(self, number: int, item: JobRequest | PlanInputError) -> None:
+        try:
+            if isinstance(item, PlanInputError):
+                raise item
+            first = self._first_line_of.get(item.custom_id)
             if first is not None:
-                raise PlanInputError(f"duplicate custom_id {req.custom_id!r} (first on line {first}); ids must be unique")
+                raise PlanInputError(f"duplicate custom_id {item.custom_id!r} (first on line {first}); ids must be unique")
         except PlanInputError as exc:
             error = LineError(number, str(exc), self.result.source)
             if self.on_error == "stop":
                 raise BatchFileError(str(error), error) from None
             self.result.errors.append(error)
             return
-        self._first_line_of[req.custom_id] = number
-        self.result.requests.append(req)
+        self._first_line_of[item.custom_id] = number
+        if item.index != len(self.result.requests):  # parsed while earlier lines were queued
+            item = dataclasses.replace(item, index=len(self.result.requests))
+        self.result.requests.append(item)
+
+    def _flush(self) -> None:
+        """Tokenize the queued text lines in one call and commit the queue in file order."""
+        queue, self._queue, self._queued_texts = self._queue, [], 0
+        texts = [item for _, item in queue if isinstance(item, _TextLine)]
+        encoded: list[Any] = self._encode_texts(texts)
+        ids_of = {id(t): ids for t, ids in zip(texts, encoded)}
+        for number, item in queue:
+            if isinstance(item, _TextLine):
+                ids = ids_of[id(item)]
+                try:
+                    if isinstance(ids, PlanInputError):
+                        raise ids
+                    item = self._request(number, item.rid, item.url, ids, item.max_new, item.sampling, item.name)
+                except PlanInputError as exc:
+                    item = exc
+            self._commit(number, item)
+
+    def _encode_texts(self, texts: list["_TextLine"]) -> list[Any]:
+        """Token ids for each text, or the PlanInputError of the one the tokenizer failed on: a
+        failing batch is redone line by line to find which."""
+        if not texts:
+            return []
+        try:
+            out = [ids if isinstance(ids, list) else list(ids)
+                   for ids in self.encoder.encode_batch([t.text for t in texts])]
+            if len(out) == len(texts):
+                return out
+        except PlanInputError:
+            pass
+        except Exception:  # noqa: BLE001 - one line's trouble; find it below
+            pass
+        results: list[Any] = []
+        for t in texts:
+            try:
+                results.append(self._encode_now(t.text, t.name))
+            except PlanInputError as exc:
+                results.append(exc)
+        return results
 
     def finish(self) -> ReadResult:
+        self._flush()
         self.result.sha256 = self._hash.hexdigest()
         if not self.result.lines:
             raise BatchFileError(f"{self.result.source}: the file has no requests (it is empty or all blank lines)")
@@ -137,10 +229,16 @@ class Reader:
             rid, url, ids, max_new, sampling, name = self._openai(obj)
         else:
             rid, url, ids, max_new, sampling, name = self._native(obj)
+        if isinstance(ids, _Text):  # tokenized later, in a batch
+            return _TextLine(ids.text, rid, url, max_new, sampling, name)
+        if ("true" in text or "false" in text) and isinstance(ids, (list, tuple)) and any(isinstance(t, bool) for t in ids):
+            raise PlanInputError(f"'{name}' contains true/false; token ids are integers")
+        return self._request(number, rid, url, ids, max_new, sampling, name)
+
+    def _request(self, number: int, rid: str | None, url: str, ids: Any, max_new: int | None,
+                 sampling: dict[str, Any], name: str) -> JobRequest:
         if not isinstance(ids, (list, tuple)):
             raise PlanInputError(f"'{name}' must be a list of token ids")
-        if ("true" in text or "false" in text) and any(isinstance(t, bool) for t in ids):
-            raise PlanInputError(f"'{name}' contains true/false; token ids are integers")
         given = max_new is not None
         max_new = max_new if given else self.default_max_new_tokens
         rid = f"line-{number}" if rid is None else rid
@@ -255,6 +353,11 @@ class Reader:
                 raise PlanInputError(f"'{name}' must be a string, got {_kind(what)}")
             if not what:
                 raise PlanInputError(f"empty '{name}'; a request needs at least one token")
+            if self._batching:
+                return _Text(what)
+        return self._encode_now(what, name)
+
+    def _encode_now(self, what: Any, name: str) -> list[int]:
         try:
             ids = self.encoder.encode_chat(what) if name == "body.messages" else self.encoder.encode(what)
         except PlanInputError:

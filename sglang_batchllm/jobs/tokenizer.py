@@ -12,7 +12,13 @@ from typing import Any, Protocol
 from ..planner.inputs import PlanInputError
 
 
+BATCH_LINES = 256  # texts per tokenizer call: one Rust call instead of 256 Python round trips
+
+
 class TextEncoder(Protocol):
+    """`encode_batch(texts)` is optional: an encoder that has it gets the reader's text lines
+    BATCH_LINES at a time, and must return what `encode` would for each."""
+
     def encode(self, text: str) -> Sequence[int]: ...
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> Sequence[int]: ...
@@ -52,6 +58,26 @@ class HFEncoder:
             return self._raw.encode(text).ids
         return list(self.tok.encode(text))
 
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """`[self.encode(t) for t in texts]` in one call. A fast (Rust) tokenizer encodes the batch
+        with `encode_batch_fast` (no offsets: what `tokenizer(texts)` does, less the offsets and the
+        BatchEncoding); the first text also goes through `encode`, which sets the Rust tokenizer
+        up the way transformers does (special-token splitting, no truncation or padding) and
+        checks the two paths agree, else this falls back to `tokenizer(texts)`."""
+        self._loaded()
+        texts = list(texts)
+        if not texts:
+            return []
+        if self._raw is not None:
+            return [e.ids for e in _fast_batch(self._raw)(texts, add_special_tokens=True)]
+        rust = getattr(self.tok, "_tokenizer", None)
+        if getattr(self.tok, "is_fast", False) and rust is not None and hasattr(rust, "encode_batch"):
+            first = list(self.tok.encode(texts[0]))
+            out = [e.ids for e in _fast_batch(rust)(texts[1:], add_special_tokens=True)]
+            if not out or out[0] == list(self.tok.encode(texts[1])):
+                return [first, *out]
+        return [list(ids) for ids in self.tok(texts, add_special_tokens=True)["input_ids"]]
+
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         self._loaded()
         if self.tok is None or not getattr(self.tok, "chat_template", None):
@@ -69,6 +95,10 @@ class HFEncoder:
         if self._raw is not None:
             return self._raw.decode(list(ids))
         return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def _fast_batch(rust: Any):
+    return getattr(rust, "encode_batch_fast", None) or rust.encode_batch  # tokenizers < 0.20: with offsets
 
 
 def model_context_len(model_dir: str | None) -> int | None:

@@ -55,15 +55,7 @@ def format_report(
         )
     if cache_runs:
         out.append("")
-        sim = cache_runs[0][1]
-        batching = f"prefill batches of {sim.prefill_tokens:,} tokens" if sim.prefill_tokens else "one request at a time"
-        out.append(f"  an LRU prefix cache of {sim.capacity_tokens:,} tokens instead (simulated: {batching},"
-                   " prompt tokens only)")
-        for label, run in cache_runs:
-            out.append(
-                f"    {label:<14} computes {run.computed_tokens:,} tokens (saving {run.saving:.1%}),"
-                f" {run.computed_tokens - m.physical_prefill_tokens:+,} vs this plan"
-            )
+        out.extend(format_cache_runs(cache_runs, m.physical_prefill_tokens))
     if shared and top > 0:
         best = sorted(shared, key=lambda g: (-group_saving(g), g.gid))[:top]
         out.append("")
@@ -75,6 +67,34 @@ def format_report(
                 f"  {group_saving(g):>12,}  {g.decode_share:>12.4f}  {g.members[0] if g.members else '-'}"
             )
     return "\n".join(out)
+
+
+def format_cache_runs(cache_runs: Sequence[tuple[str, CacheSimResult]], plan_tokens: int) -> list[str]:
+    """`--kv-tokens`: the LRU simulation's lines. They say what each number is, so that nobody
+    reads a simulated LRU figure as a plan that lost: the simulation is SGLang's radix cache with
+    no plan, on the file's order (and on the plan's order), in an idealised engine; the plan's
+    figure is its physical prefill, every shared prefix computed once and kept while its group
+    runs."""
+    sim = cache_runs[0][1]
+    batching = (f"prefill batches of {sim.prefill_tokens:,} tokens" if sim.prefill_tokens
+                else "one request at a time, the cache's best case")
+    out = [
+        f"  without the plan: SGLang's LRU prefix cache alone, {sim.capacity_tokens:,} KV tokens (simulated: {batching};",
+        f"  prompt tokens only, no decode memory), of {sim.prompt_tokens:,} prompt tokens computes",
+    ]
+    for label, run in cache_runs:
+        diff = run.computed_tokens - plan_tokens
+        if diff > 0:
+            versus = f"{diff:,} more than the plan's {plan_tokens:,}"
+        elif diff == 0:
+            versus = f"as many as the plan's {plan_tokens:,}"
+        else:
+            versus = (f"{-diff:,} fewer than the plan's {plan_tokens:,}, from prefixes the plan does not share"
+                      " (shorter than min prefix, or deeper than its levels)")
+        out.append(f"    in {label:<14} {run.computed_tokens:>12,} (saving {run.saving:.1%}): {versus}")
+    out.append(f"  the plan's {plan_tokens:,} is its physical prefill: each shared prefix computed once and held while"
+               " its group runs")
+    return out
 
 
 def _histogram(sizes: dict[int, int], limit: int = 8) -> str:
