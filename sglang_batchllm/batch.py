@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+from .argtypes import non_negative_int, positive_int
 from .config import BatchLLMConfig, ConfigError, cli_fields, flag_name
 from .jobs.output import LineFile, ResumeError, error_line, open_output
 from .jobs.progress import ProgressBar, Tally, summary
@@ -38,12 +39,12 @@ def _parser() -> argparse.ArgumentParser:
                    "(text|input_ids, id, sampling_params)")
     p.add_argument("-o", "--output", help="output JSONL (OpenAI batch output); required unless --dry-run")
     p.add_argument("--errors", metavar="PATH", help="failed requests and skipped lines (default OUTPUT.errors.jsonl)")
-    p.add_argument("--window", type=_positive, default=DEFAULT_WINDOW, metavar="N",
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
                    help=f"submit at most N requests at once, in plan order (default {DEFAULT_WINDOW:,})")
     p.add_argument("--ordered", action="store_true", help="write the output in input order (buffers lines)")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="stop",
                    help="on a bad line: stop before running anything (default) or skip it")
-    p.add_argument("--max-new-tokens", type=_non_negative, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help=f"decode budget of lines that give none (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--dry-run", action="store_true", help="validate every line and print the plan; no GPU")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
@@ -66,24 +67,6 @@ def _sglang_peek(rest: list[str]) -> argparse.Namespace:
     p.add_argument("--context-length", type=int)
     p.add_argument("--page-size", type=int, default=1)
     return p.parse_known_args(rest)[0]
-
-
-def _positive(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _non_negative(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
 
 
 def _batchllm_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> BatchLLMConfig:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from .argtypes import non_negative_int, positive_int
 from .config import BatchLLMConfig, ConfigError, env_name, flag_name
 from .jobs.reader import DEFAULT_MAX_NEW_TOKENS, ON_ERROR_CHOICES, read_file
 from .jobs.records import BatchFileError
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("batch", help="JSONL file ('-' for stdin): native {input_ids|text, id, max_new_tokens} "
                    "or OpenAI batch-API lines (body.prompt / body.messages)")
     p.add_argument("--tokenizer", metavar="PATH", help="Hugging Face tokenizer (folder or hub name) for text lines")
-    p.add_argument("--page-size", type=_positive, default=1, metavar="N", help="KV page size of the engine (default 1)")
+    p.add_argument("--page-size", type=positive_int, default=1, metavar="N", help="KV page size of the engine (default 1)")
     settings = _settings_defaults(p)
     p.add_argument("--levels", type=_setting("levels"), default=settings.levels, metavar="K",
                    help=f"nested sharing levels (default {settings.levels}, from SGLANG_BATCHLLM_LEVELS; "
@@ -51,12 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--min-prefix", type=_setting("min_prefix_tokens"), default=settings.min_prefix_tokens, metavar="N",
                    help=f"shortest prefix worth sharing, in tokens (default {settings.min_prefix_tokens}, "
                         "from SGLANG_BATCHLLM_MIN_PREFIX_TOKENS)")
-    p.add_argument("--max-new-tokens", type=_non_negative, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help=f"decode budget of lines that do not give one (default {DEFAULT_MAX_NEW_TOKENS})")
-    p.add_argument("--kv-tokens", type=_positive, metavar="N",
+    p.add_argument("--kv-tokens", type=positive_int, metavar="N",
                    help="also simulate SGLang's LRU prefix cache of N tokens without the plan, on the file's order and on the"
                         " plan's, next to the plan's own prefill")
-    p.add_argument("--prefill-tokens", type=_non_negative, default=None, metavar="N",
+    p.add_argument("--prefill-tokens", type=non_negative_int, default=None, metavar="N",
                    help="with --kv-tokens: simulate prefill batches of N tokens (the engine's chunked prefill"
                         " size), whose requests cannot reuse each other's prefix (default 0: one at a time)")
     p.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="stop",
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead of the report")
     p.add_argument("--token-ids", action="store_true", help="with --json: include each group's prefix token ids")
     p.add_argument("--compare-paper", action="store_true", help="also report the paper's flattening rule")
-    p.add_argument("--top", type=_non_negative, default=None, metavar="N",
+    p.add_argument("--top", type=non_negative_int, default=None, metavar="N",
                    help="shared prefixes to list in the report (default 10; --json lists every group)")
     p.add_argument("--progress", choices=("auto", "on", "off"), default="auto",
                    help="progress bar while reading (auto: large files on a terminal)")
@@ -100,24 +101,6 @@ def _setting(name: str):
 
     parse.__name__ = name  # argparse names the type in its messages
     return parse
-
-
-def _positive(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _non_negative(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
 
 
 class _ByteBar:
