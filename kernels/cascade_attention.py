@@ -152,19 +152,22 @@ def _tile(
 
 @triton.jit
 def _cascade_fwd_kernel(
-    Q, K, V, Out, PartO, PartLse, Items, PrefixSlots, SuffixSlots, GroupQTokens,
+    Q, K, V, Out, PartO, PartLse, Items, NumItems, PrefixSlots, SuffixSlots, GroupQTokens,
     TokPartStart, TokOwnPartStart, TokNumPart, TokSuffixStart, TokQpos, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_pp, stride_ph, stride_lp,
     NUM_KV_HEADS: tl.constexpr, HPK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M_GROUP: tl.constexpr, BLOCK_N_GROUP: tl.constexpr,
     BLOCK_M_REQUEST: tl.constexpr, BLOCK_N_REQUEST: tl.constexpr, ITEM_STRIDE: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, LIVE_COUNT: tl.constexpr,
 ):
     """1-D grid over (item, KV head), KV head fastest: the KV heads of one item run side by
     side and read neighbouring bytes of the same token rows. The item row holds everything
     the program needs, so one round trip precedes the slot-index loads."""
     pid = tl.program_id(0)
+    if LIVE_COUNT:  # fixed grid (CUDA graphs): this step's plan may use fewer items
+        if pid // NUM_KV_HEADS >= tl.load(NumItems):
+            return
     kv_head = pid % NUM_KV_HEADS
     item = Items + (pid // NUM_KV_HEADS).to(tl.int64) * ITEM_STRIDE
     kind = tl.load(item + 0)
@@ -291,9 +294,12 @@ def cascade_forward(q, k_buffer, v_buffer, plan: CascadePlan, sm_scale: float, o
     cfg = plan.config
     block_d = triton.next_power_of_2(plan.head_dim)
     part_o, part_lse = plan.partial_out, plan.partial_lse_base2
-    if plan.num_items:
-        _cascade_fwd_kernel[(plan.num_items * plan.num_kv_heads,)](
-            q, k_buffer, v_buffer, out, part_o, part_lse, plan.items, plan.prefix_kv_indices,
+    live = plan.num_items_dev is not None
+    grid_items = plan.grid_items if live else plan.num_items
+    if grid_items:
+        _cascade_fwd_kernel[(grid_items * plan.num_kv_heads,)](
+            q, k_buffer, v_buffer, out, part_o, part_lse, plan.items,
+            plan.num_items_dev if live else plan.items, plan.prefix_kv_indices,
             plan.suffix_kv_indices, plan.group_q_tokens, plan.token_partial_start,
             plan.token_own_partial_start, plan.token_num_partials, plan.token_suffix_start,
             plan.token_qpos, sm_scale * LOG2E,
@@ -304,6 +310,7 @@ def cascade_forward(q, k_buffer, v_buffer, plan: CascadePlan, sm_scale: float, o
             BLOCK_D=block_d, BLOCK_M_GROUP=cfg.block_m_group, BLOCK_N_GROUP=cfg.block_n_group,
             BLOCK_M_REQUEST=cfg.block_m_request, BLOCK_N_REQUEST=cfg.block_n_request,
             ITEM_STRIDE=ITEM_FIELDS, DOT_FP32=_interpreting() or q.dtype == torch.float32,
+            LIVE_COUNT=live,
             # fp32 KV tiles are twice as large: keep them within shared memory
             num_warps=cfg.num_warps, num_stages=cfg.num_stages if q.element_size() == 2 else 1,
         )

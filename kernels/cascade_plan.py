@@ -112,6 +112,11 @@ class CascadePlan:
     # host-side summaries (for tests, benchmarks and logs)
     packed_groups: torch.Tensor  # [G] bool, CPU
     group_num_splits: torch.Tensor  # [G] int64, CPU: prefix pieces of packed groups
+    # Fixed-shape launch (a plan written into a `CascadeWorkspace`): the fused kernel runs
+    # `grid_items` programs per KV head and those past `num_items_dev` exit at once; the merge
+    # always runs. None: the launch is sized to this plan.
+    num_items_dev: torch.Tensor | None = None  # [1] int32 on the device
+    grid_items: int | None = None
 
     @property
     def heads_per_kv(self) -> int:
@@ -125,6 +130,48 @@ class CascadePlan:
         ):
             raise CascadePlanError("block_m_* decide the tiling: build a new plan instead")
         return replace(self, config=config)
+
+
+class CascadeWorkspace:
+    """Device buffers that every plan of up to `max_tokens` query tokens is written into.
+
+    Why: a CUDA graph records kernel arguments (pointers, grid) once, at capture. A plan built
+    with `workspace=` keeps all its tensors at the same addresses, a launch grid fixed by the
+    capacities below, and its live item count on the device, so a graph captured over one plan
+    replays correctly over any later one written into the same workspace (outside the graph).
+
+    Capacities: at most `max_items` tile pieces (the planner raises the split length until the
+    plan fits, see `_split_pieces`) and `max_partials` partial rows (with no split at all a
+    token has at most two partials, so `max_partials >= 2 * max_tokens` always fits). The one
+    host-to-device copy per step goes through a pinned staging buffer.
+    """
+
+    def __init__(self, *, max_tokens: int, num_q_heads: int, head_dim: int, device,
+                 config: CascadeLaunchConfig, max_items: int | None = None,
+                 max_partials: int | None = None, num_sms: int | None = None):
+        device = torch.device(device)
+        if num_sms is None:
+            num_sms = (
+                torch.cuda.get_device_properties(device).multi_processor_count
+                if device.type == "cuda" else DEFAULT_NUM_SMS
+            )
+        self.max_tokens = int(max_tokens)
+        self.num_q_heads, self.head_dim, self.device, self.config = num_q_heads, head_dim, device, config
+        self.num_sms = num_sms
+        # one GROUP and one REQUEST tile per token at worst, plus the pieces of the split target
+        self.max_items = int(max_items or 2 * self.max_tokens + num_sms * PROGRAMS_PER_SM_TARGET + 16)
+        self.max_partials = int(max_partials or 4 * self.max_tokens + 1024)
+        if self.max_partials < 2 * self.max_tokens:
+            raise CascadePlanError("max_partials must be at least 2 * max_tokens")
+        # int32 metadata regions, in the order the planner fills them
+        t = self.max_tokens
+        self.sizes = [self.max_items * ITEM_FIELDS, t, t, t, t, t, t, 1]
+        total = sum(self.sizes)
+        self.meta = torch.zeros(total, dtype=torch.int32, device=device)
+        self.staging = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        self.views = self.meta.split(self.sizes)
+        self.partial_out = torch.empty(self.max_partials, num_q_heads, head_dim, dtype=torch.float32, device=device)
+        self.partial_lse_base2 = torch.empty(self.max_partials, num_q_heads, dtype=torch.float32, device=device)
 
 
 def build_decode_plan(**kwargs) -> CascadePlan:
@@ -209,7 +256,20 @@ def _build_plan(
     max_kv_chunk: int | None = None,
     num_sms: int | None = None,
     config: CascadeLaunchConfig | None = None,
+    workspace: CascadeWorkspace | None = None,
+    slot_base: torch.Tensor | None = None,
 ) -> CascadePlan:
+    suffix_offset = 0
+    if slot_base is not None:
+        # Both index tensors are views of one buffer, the prefix part first; the kernel gets the
+        # buffer itself (a CUDA graph keeps the pointers of capture) and offsets.
+        if prefix_kv_indices.numel() and prefix_kv_indices.data_ptr() != slot_base.data_ptr():
+            raise CascadePlanError("with slot_base, prefix_kv_indices must start at slot_base")
+        suffix_offset = prefix_kv_indices.numel()
+        if suffix_kv_indices.numel() and suffix_kv_indices.data_ptr() != (
+            slot_base.data_ptr() + suffix_offset * slot_base.element_size()
+        ):
+            raise CascadePlanError("with slot_base, suffix_kv_indices must follow prefix_kv_indices")
     step = read_step_batch(
         prefix_kv_indptr=prefix_kv_indptr, prefix_kv_indices=prefix_kv_indices,
         suffix_kv_indptr=suffix_kv_indptr, suffix_kv_indices=suffix_kv_indices,
@@ -236,6 +296,15 @@ def _build_plan(
     group_tokens = group_tokens[:num_groups]
 
     # ---- which groups run their prefix as packed GROUP tiles -------------------------------
+    if workspace is not None:
+        if config is not None and config != workspace.config:
+            raise CascadePlanError("a workspace plan uses the workspace's launch config")
+        config = workspace.config
+        if num_tokens > workspace.max_tokens:
+            raise CascadePlanError(
+                f"{num_tokens} query tokens exceed the workspace's {workspace.max_tokens}"
+            )
+        num_sms = workspace.num_sms
     if config is None:
         max_group_rows = int(group_tokens.max()) * hpk if num_groups else 0
         config = default_launch_config(mode, hpk, max_group_rows)
@@ -308,16 +377,103 @@ def _build_plan(
             )
         work = int(length.sum()) * num_kv_heads
         chunk = max(MIN_SPLIT_CHUNK, _cdiv(work, num_sms * PROGRAMS_PER_SM_TARGET))
+    else:
+        chunk = int(max_kv_chunk)
+    while True:
+        layout = _lay_out_pieces(
+            chunk, exact=max_kv_chunk is not None, kind=kind, fields=fields, lo=lo, hi=hi,
+            length=length, config=config, num_g=g_owner.numel(), g_owner=g_owner,
+            num_groups=num_groups, num_tokens=num_tokens, q_len=q_len, req_packed=req_packed,
+            gidx=gidx,
+        )
+        if workspace is None or (
+            layout.items.shape[0] <= workspace.max_items
+            and layout.total_partials <= workspace.max_partials
+        ):
+            break
+        longest = int(length.max()) if length.numel() else 0
+        if chunk >= longest:  # no split left to undo: the capacities are too small
+            raise CascadePlanError(
+                f"the plan needs {layout.items.shape[0]} items / {layout.total_partials} partials "
+                f"but the workspace holds {workspace.max_items} / {workspace.max_partials}"
+            )
+        chunk *= 2  # fewer, longer pieces: fewer items and partials
+
+    items, partial_start, grp_pieces, num_partials = (
+        layout.items, layout.partial_start, layout.grp_pieces, layout.num_partials
+    )
+    tok_req, tok_local = _segment_arange(q_len)
+    token_suffix_start = s_indptr[:-1][tok_req] + suffix_offset
+    token_qpos = suffix_len[tok_req] - q_len[tok_req] + tok_local
+    if suffix_offset:
+        items[:, F_SUFFIX_START] += suffix_offset
+    # GROUP tiles' query tokens: packed groups' member tokens, by group, in token order
+    sel = req_packed[tok_req]
+    group_q_tokens = torch.arange(num_tokens)[sel][torch.argsort(gidx[tok_req][sel], stable=True)]
+
+    # ---- one host-to-device copy of all int32 metadata ------------------------------------
+    host = [
+        items.reshape(-1), group_q_tokens, partial_start, partial_start + grp_pieces,
+        num_partials, token_suffix_start, token_qpos,
+    ]
+    common = dict(
+        mode=mode, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        num_tokens=num_tokens, num_requests=step.num_requests, num_groups=num_groups,
+        num_items=items.shape[0], config=config,
+        prefix_kv_indices=prefix_kv_indices if slot_base is None else slot_base,
+        suffix_kv_indices=suffix_kv_indices if slot_base is None else slot_base,
+        packed_groups=packed,
+        group_num_splits=layout.group_num_splits[:num_groups],
+    )
+    if workspace is not None:
+        return _write_into(workspace, host, items.shape[0], common)
+    sizes = [t.numel() for t in host]
+    packed_host = torch.cat(host).to(torch.int32)
+    if device.type == "cuda":
+        packed_host = packed_host.pin_memory()
+    dev = packed_host.to(device, non_blocking=True).split(sizes)
+    ws_rows = max(layout.total_partials, 1)
+    return CascadePlan(
+        **common,
+        needs_merge=layout.needs_merge,
+        items=dev[0].view(-1, ITEM_FIELDS),
+        group_q_tokens=dev[1],
+        token_partial_start=dev[2],
+        token_own_partial_start=dev[3],
+        token_num_partials=dev[4],
+        token_suffix_start=dev[5],
+        token_qpos=dev[6],
+        partial_out=torch.empty(ws_rows, num_q_heads, head_dim, dtype=torch.float32, device=device),
+        partial_lse_base2=torch.empty(ws_rows, num_q_heads, dtype=torch.float32, device=device),
+    )
+
+
+@dataclass(frozen=True)
+class _Layout:
+    items: torch.Tensor
+    partial_start: torch.Tensor
+    grp_pieces: torch.Tensor
+    num_partials: torch.Tensor
+    total_partials: int
+    needs_merge: bool
+    group_num_splits: torch.Tensor
+
+
+def _lay_out_pieces(chunk, *, exact, kind, fields, lo, hi, length, config, num_g, g_owner,
+                    num_groups, num_tokens, q_len, req_packed, gidx) -> _Layout:
+    """Cut tiles into pieces of about `chunk` KV positions (exactly `chunk` when `exact`), order
+    them costliest first, and assign every token its partial rows."""
+    if exact:
+        piece_len = torch.full_like(length, chunk)
+        pieces = _cdiv(length, piece_len)
+    else:
         pieces = _cdiv(length, chunk)
         # even pieces, borders on multiples of the larger block_n
         block = max(config.block_n_group, config.block_n_request)
         piece_len = _cdiv(_cdiv(length, pieces.clamp(min=1)), block) * block
         pieces = _cdiv(length, piece_len.clamp(min=1))
-    else:
-        piece_len = torch.full_like(length, int(max_kv_chunk))
-        pieces = _cdiv(length, piece_len)
 
-    # ---- expand pieces into items, costliest first (longest-processing-time order) ---------
+    # expand pieces into items, costliest first (longest-processing-time order)
     parent, piece = _segment_arange(pieces)
     p_lo = lo[parent] + piece * piece_len[parent]
     p_hi = torch.minimum(hi[parent], p_lo + piece_len[parent])
@@ -329,8 +485,8 @@ def _build_plan(
         dim=1,
     )[order]
 
-    # ---- per-token bookkeeping -------------------------------------------------------------
-    tok_req, tok_local = _segment_arange(q_len)
+    # per-token bookkeeping
+    tok_req, _ = _segment_arange(q_len)
     group_num_splits = torch.zeros(num_groups + 1, dtype=torch.int64)
     group_num_splits[g_owner] = pieces[:num_g]
     grp_pieces = torch.where(req_packed[tok_req], group_num_splits[gidx[tok_req]], 0)
@@ -342,45 +498,31 @@ def _build_plan(
     partial_start = torch.cumsum(num_partials, 0) - num_partials
     needs_merge = bool((num_partials != 1).any())
     total_partials = int(num_partials.sum()) if needs_merge else 0
-    token_suffix_start = s_indptr[:-1][tok_req]
-    token_qpos = suffix_len[tok_req] - q_len[tok_req] + tok_local
-    # GROUP tiles' query tokens: packed groups' member tokens, by group, in token order
-    sel = req_packed[tok_req]
-    group_q_tokens = torch.arange(num_tokens)[sel][torch.argsort(gidx[tok_req][sel], stable=True)]
+    return _Layout(items, partial_start, grp_pieces, num_partials, total_partials, needs_merge,
+                   group_num_splits)
 
-    # ---- one host-to-device copy of all int32 metadata ------------------------------------
-    host = [
-        items.reshape(-1), group_q_tokens, partial_start, partial_start + grp_pieces,
-        num_partials, token_suffix_start, token_qpos,
-    ]
-    sizes = [t.numel() for t in host]
-    packed_host = torch.cat(host).to(torch.int32)
-    if device.type == "cuda":
-        packed_host = packed_host.pin_memory()
-    dev = packed_host.to(device, non_blocking=True).split(sizes)
-    ws_rows = max(total_partials, 1)
+
+def _write_into(ws: CascadeWorkspace, host: list[torch.Tensor], num_items: int, common) -> CascadePlan:
+    """Stage the plan's int32 arrays into the workspace's fixed regions (one copy)."""
+    offset = 0
+    for region, values in zip(ws.sizes, host + [torch.tensor([num_items])]):
+        n = values.numel()
+        ws.staging[offset:offset + n].copy_(values)
+        offset += region
+    ws.meta.copy_(ws.staging, non_blocking=True)
+    v = ws.views
     return CascadePlan(
-        mode=mode,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        head_dim=head_dim,
-        num_tokens=num_tokens,
-        num_requests=step.num_requests,
-        num_groups=num_groups,
-        num_items=items.shape[0],
-        needs_merge=needs_merge,
-        config=config,
-        items=dev[0].view(-1, ITEM_FIELDS),
-        prefix_kv_indices=prefix_kv_indices,
-        suffix_kv_indices=suffix_kv_indices,
-        group_q_tokens=dev[1],
-        token_partial_start=dev[2],
-        token_own_partial_start=dev[3],
-        token_num_partials=dev[4],
-        token_suffix_start=dev[5],
-        token_qpos=dev[6],
-        partial_out=torch.empty(ws_rows, num_q_heads, head_dim, dtype=torch.float32, device=device),
-        partial_lse_base2=torch.empty(ws_rows, num_q_heads, dtype=torch.float32, device=device),
-        packed_groups=packed,
-        group_num_splits=group_num_splits[:num_groups],
+        **common,
+        needs_merge=True,  # the merge skips tokens whose one partial went straight to Out
+        items=v[0].view(-1, ITEM_FIELDS),
+        group_q_tokens=v[1],
+        token_partial_start=v[2],
+        token_own_partial_start=v[3],
+        token_num_partials=v[4],
+        token_suffix_start=v[5],
+        token_qpos=v[6],
+        partial_out=ws.partial_out,
+        partial_lse_base2=ws.partial_lse_base2,
+        num_items_dev=v[7],
+        grid_items=ws.max_items,
     )

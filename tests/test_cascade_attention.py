@@ -53,6 +53,8 @@ from sglang_batchllm.kernels import reference, synthetic
 from sglang_batchllm.kernels.cascade_attention import cascade_decode, cascade_extend
 from sglang_batchllm.kernels.cascade_plan import (
     F_NUM_TOKENS,
+    CascadeWorkspace,
+    default_launch_config,
     CascadePlanError,
     build_decode_plan,
     build_extend_plan,
@@ -291,6 +293,68 @@ def test_plan_rejects_bad_inputs():
         cascade_decode(q, kv, kv, plan, SM_SCALE)
     with pytest.raises(ValueError, match="build_extend_plan"):
         cascade_extend(q, kv.bfloat16(), kv.bfloat16(), plan, SM_SCALE)
+
+
+def _into_workspace(batch, workspace, **plan_options):
+    """Plan `batch` into `workspace`, its prefix and suffix slots in one buffer (slot_base)."""
+    kw = batch.plan_kwargs()
+    slots = torch.cat([kw["prefix_kv_indices"], kw["suffix_kv_indices"]])
+    base = torch.zeros(slots.numel() + 7, dtype=slots.dtype, device=slots.device)
+    base[: slots.numel()] = slots
+    n = kw["prefix_kv_indices"].numel()
+    kw["prefix_kv_indices"], kw["suffix_kv_indices"] = base[:n], base[n : slots.numel()]
+    build = build_decode_plan if batch.qo_indptr is None else build_extend_plan
+    return build(**kw, workspace=workspace, slot_base=base, **plan_options), base
+
+
+def test_workspace_plans_replay_at_fixed_addresses():
+    """One workspace serves a sequence of different steps (as a captured CUDA graph replays):
+    same tensor addresses and launch grid every time, stale items of a larger earlier plan never
+    run, and each output matches the reference."""
+    shapes = [
+        dict(group_sizes=[5, 3], prefix_lens=[40, 17], suffix_lens=[3, 11, 0], num_ungrouped=2),
+        dict(group_sizes=[2], prefix_lens=[9], suffix_lens=[1], num_ungrouped=1),
+        dict(group_sizes=[], prefix_lens=[0], suffix_lens=[7, 30], num_ungrouped=6),
+    ]
+    batches = [
+        synthetic.make_batch(**shape, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                             dtype=torch.float32, device=DEVICE, seed=11 + i)
+        for i, shape in enumerate(shapes)
+    ]
+    config = default_launch_config("decode", 2, 64)
+    ws = CascadeWorkspace(max_tokens=16, num_q_heads=4, head_dim=64, device=DEVICE, config=config)
+    addresses = None
+    for batch in batches:
+        plan, base = _into_workspace(batch, ws, max_kv_chunk=8)  # many pieces, many partials
+        assert plan.grid_items == ws.max_items and plan.config == config
+        here = [t.data_ptr() for t in (plan.items, plan.token_num_partials, plan.partial_out,
+                                        plan.num_items_dev)]
+        assert addresses in (None, here)
+        addresses = here
+        assert int(plan.num_items_dev.item()) == plan.num_items < ws.max_items
+        out = cascade_decode(batch.q, batch.k_buffer, batch.v_buffer, plan, SM_SCALE,
+                             out=torch.full_like(batch.q, float("nan")))
+        assert not out.isnan().any()
+        assert _rel_err(out, _reference(batch)) < _tolerance(batch.q.dtype)
+
+
+def test_workspace_capacity_lengthens_pieces_until_the_plan_fits():
+    batch = synthetic.make_batch(
+        group_sizes=[4], prefix_lens=[200], suffix_lens=[50], num_ungrouped=1, num_q_heads=4,
+        num_kv_heads=2, head_dim=64, dtype=torch.float32, device=DEVICE, seed=4,
+    )
+    config = default_launch_config("decode", 2, 64)
+    roomy = CascadeWorkspace(max_tokens=5, num_q_heads=4, head_dim=64, device=DEVICE, config=config)
+    tight = CascadeWorkspace(max_tokens=5, num_q_heads=4, head_dim=64, device=DEVICE, config=config,
+                             max_items=4, max_partials=10)
+    wide, _ = _into_workspace(batch, roomy, max_kv_chunk=16)
+    narrow, _ = _into_workspace(batch, tight, max_kv_chunk=16)
+    assert wide.num_items > 4 >= narrow.num_items
+    out = cascade_decode(batch.q, batch.k_buffer, batch.v_buffer, narrow, SM_SCALE)
+    assert _rel_err(out, _reference(batch)) < _tolerance(batch.q.dtype)
+    with pytest.raises(CascadePlanError, match="exceed the workspace"):
+        _into_workspace(batch, CascadeWorkspace(max_tokens=4, num_q_heads=4, head_dim=64,
+                                                device=DEVICE, config=config))
 
 
 # ---------------------------------------------------------------------------------------------
