@@ -27,20 +27,20 @@ _GROUP_TITLE = "BatchLLM (sglang_batchllm)"
 
 
 def add_batchllm_flags(parser: argparse.ArgumentParser) -> None:
-    if any(action.dest == f"batchllm_{f.name}" for f in cli_fields() for action in parser._actions):
+    if any(action.dest == f"batchllm_{f.name}" for f in cli_fields(server=True) for action in parser._actions):
         return  # already added to this parser
     group = parser.add_argument_group(
         _GROUP_TITLE, "Also settable as SGLANG_BATCHLLM_<NAME> environment variables."
     )
     defaults = BatchLLMConfig()
-    for f in cli_fields():
-        is_bool = f.type in ("bool", bool)
+    for f in cli_fields(server=True):
+        is_bool, is_str = f.type in ("bool", bool), f.type in ("str", str)
         group.add_argument(
             flag_name(f.name),
             dest=f"batchllm_{f.name}",
-            type=_parse_bool if is_bool else int,
+            type=_parse_bool if is_bool else str if is_str else int,
             default=None,  # None = not given on the command line: keep the environment's value
-            metavar="0|1" if is_bool else "N",
+            metavar="0|1" if is_bool else "PATH" if is_str else "N",
             help=f"{f.metadata['help']} Default: {getattr(defaults, f.name)}.",
         )
 
@@ -57,7 +57,7 @@ def _parse_bool(text: str) -> bool:
 def config_from_args(args: argparse.Namespace, base: BatchLLMConfig) -> BatchLLMConfig:
     given = {
         f.name: getattr(args, f"batchllm_{f.name}")
-        for f in cli_fields()
+        for f in cli_fields(server=True)
         if getattr(args, f"batchllm_{f.name}", None) is not None
     }
     return base.replace(**given)

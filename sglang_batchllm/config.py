@@ -28,8 +28,9 @@ class ConfigError(ValueError):
     """A BatchLLM setting has a value we cannot use; the message says which and what to do."""
 
 
-def _setting(help: str, *, lo: int | None = None, hi: int | None = None, cli: bool = True):
-    return {"help": help, "lo": lo, "hi": hi, "cli": cli}
+def _setting(help: str, *, lo: int | None = None, hi: int | None = None, cli: bool = True, server: bool = False):
+    # server=True: a setting of the HTTP server only (the batch API), so the batch command does not offer it
+    return {"help": help, "lo": lo, "hi": hi, "cli": cli, "server": server}
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,30 @@ class BatchLLMConfig:
         ),
     )
 
+    jobs_dir: str = field(
+        default="",
+        metadata=_setting(
+            "Directory of the Files and Batches API's state (SQLite) and files; empty = "
+            "~/.cache/sglang_batchllm/jobs (or $XDG_CACHE_HOME/sglang_batchllm/jobs). Never served over HTTP.",
+            server=True,
+        ),
+    )
+    max_upload_mb: int = field(
+        default=200,
+        metadata=_setting(
+            "Largest file POST /v1/files accepts, in MiB; a bigger upload is refused with 413.",
+            lo=1,
+            server=True,
+        ),
+    )
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.type in ("str", str):
+                if not isinstance(value, str):
+                    raise ConfigError(f"BatchLLM setting {f.name!r} must be a string, got {value!r}")
+                continue
             if f.type in ("bool", bool):
                 if not isinstance(value, bool):
                     raise ConfigError(f"BatchLLM setting {f.name!r} must be true or false, got {value!r}")
@@ -169,9 +191,11 @@ def flag_name(field_name: str) -> str:
     return FLAG_PREFIX + field_name.replace("_", "-")
 
 
-def cli_fields() -> list[dataclasses.Field]:
-    """Fields exposed as `--batchllm-*` flags (everything but the master switch)."""
-    return [f for f in dataclasses.fields(BatchLLMConfig) if f.metadata["cli"]]
+def cli_fields(*, server: bool = False) -> list[dataclasses.Field]:
+    """Fields exposed as `--batchllm-*` flags (everything but the master switch); the HTTP
+    server's own settings only with `server=True` (the launcher's flags)."""
+    return [f for f in dataclasses.fields(BatchLLMConfig)
+            if f.metadata["cli"] and (server or not f.metadata["server"])]
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BatchLLMConfig)}
@@ -180,6 +204,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 
 def _parse(f: dataclasses.Field, raw: str, *, source: str) -> Any:
+    if f.type in ("str", str):
+        return raw
     text = raw.strip().lower()
     if f.type in ("bool", bool):
         if text in _TRUE:

@@ -2,7 +2,8 @@
 
 Starts SGLang's HTTP server with BatchLLM on. Every SGLang flag works as with
 `python -m sglang.launch_server`; `--help` lists SGLang's flags and ours. With no
-`--model-path` it serves the bundled model (dummy weights, no download).
+`--model-path` it serves the bundled model (dummy weights, no download). It also serves the
+OpenAI Files and Batches API (`sglang_batchllm/batch_api/`, docs/batch-api.md).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     if not _given(argv, _HELP_FLAGS):
         argv = with_default_flags(argv)
     server_args = prepare_server_args(with_default_model(argv))
+    from sglang_batchllm.batch_api.mount import mount_on_sglang
+
+    mount_on_sglang(server_args)  # /v1/files and /v1/batches on SGLang's app (docs/batch-api.md)
     try:
         run_server(server_args)
     finally:

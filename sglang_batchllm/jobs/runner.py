@@ -80,6 +80,12 @@ class _Sink:
         self.last_flush = time.monotonic()
 
 
+def job_sink(requests: Sequence[JobRequest], out: LineFile, errors: LineFile, options: RunOptions) -> _Sink:
+    """The line buffer `run_windows` writes through, for a caller that awaits `run_windows` on
+    an event loop of its own (the HTTP server's batch API) instead of calling `run_job`."""
+    return _Sink(out, errors, options, [r.index for r in requests])
+
+
 async def run_windows(windows: Sequence[Sequence[JobRequest]], backend: Backend, sink: _Sink, tally: Tally,
                       bar: ProgressBar) -> None:
     try:
@@ -110,7 +116,7 @@ def run_job(requests: Sequence[JobRequest], backend: Backend, out: LineFile, err
             bar: ProgressBar, config: PlannerConfig, options: RunOptions) -> None:
     """Run `requests` (those not yet in the output). Ctrl-C propagates after the buffer is written."""
     windows = plan_windows(requests, config, options.window)
-    sink = _Sink(out, errors, options, [r.index for r in requests])
+    sink = job_sink(requests, out, errors, options)
     try:
         backend.run(run_windows(windows, backend, sink, tally, bar))
     finally:
