@@ -99,6 +99,9 @@ class BatchService:
 
     async def stop(self) -> None:
         """Stop the worker; a running batch stays `in_progress` and resumes on the next start."""
+        if self._running is not None:
+            logger.warning("stopping with batch %s unfinished; it resumes when the server starts again "
+                           "on this jobs directory", self._running)
         for task in (self._job, self._worker):
             if task is not None and not task.done():
                 task.cancel()
