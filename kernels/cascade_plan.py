@@ -168,7 +168,12 @@ class CascadeWorkspace:
         self.sizes = [self.max_items * ITEM_FIELDS, t, t, t, t, t, t, 1]
         total = sum(self.sizes)
         self.meta = torch.zeros(total, dtype=torch.int32, device=device)
-        self.staging = torch.zeros(total, dtype=torch.int32, pin_memory=device.type == "cuda")
+        # Two pinned staging buffers, taken in turn: the copy out of one may still be queued
+        # behind the step in flight while the next step's plan is written into the other.
+        pinned = device.type == "cuda"
+        self._staging = [torch.zeros(total, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._copied = [None, None]  # CUDA event after each buffer's last copy
+        self._turn = 0
         self.views = self.meta.split(self.sizes)
         self.partial_out = torch.empty(self.max_partials, num_q_heads, head_dim, dtype=torch.float32, device=device)
         self.partial_lse_base2 = torch.empty(self.max_partials, num_q_heads, dtype=torch.float32, device=device)
@@ -504,12 +509,21 @@ def _lay_out_pieces(chunk, *, exact, kind, fields, lo, hi, length, config, num_g
 
 def _write_into(ws: CascadeWorkspace, host: list[torch.Tensor], num_items: int, common) -> CascadePlan:
     """Stage the plan's int32 arrays into the workspace's fixed regions (one copy)."""
+    turn = ws._turn
+    ws._turn = 1 - turn
+    staging, copied = ws._staging[turn], ws._copied[turn]
+    if copied is not None:
+        copied.synchronize()  # its previous copy has left: safe to overwrite
     offset = 0
     for region, values in zip(ws.sizes, host + [torch.tensor([num_items])]):
         n = values.numel()
-        ws.staging[offset:offset + n].copy_(values)
+        staging[offset:offset + n].copy_(values)
         offset += region
-    ws.meta.copy_(ws.staging, non_blocking=True)
+    ws.meta.copy_(staging, non_blocking=True)
+    if ws.device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+        ws._copied[turn] = event
     v = ws.views
     return CascadePlan(
         **common,

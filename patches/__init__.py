@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Callable
 if TYPE_CHECKING:
     from sglang_batchllm.config import BatchLLMConfig
 
-_MODULES = ("cli_flags", "batch_intake", "scheduler")
+_MODULES = ("cli_flags", "batch_intake", "scheduler", "forward_groups")
 
 
 @dataclass(frozen=True)

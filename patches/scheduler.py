@@ -9,6 +9,13 @@ Targets (SGLang 0.5.17):
 - `sglang.srt.mem_cache.common.release_kv_cache`, AROUND: a request's KV was released
   (finished, aborted, retracted); HookRegistry propagates it to every module that imported it.
 - `ScheduleBatch.retract_decode`, AFTER: counts retractions.
+- `SchedulerRequestReceiver._pull_raw_reqs`, AFTER (only with `--batchllm-gather-ms` > 0): on
+  the rank that reads the sockets (TP rank 0), appends a `ClockStamp` (its `time.monotonic()`)
+  to what it received; SGLang's own `broadcast_pyobj` then carries it to every TP rank.
+- `Scheduler.process_input_requests`, AROUND (same condition): takes the stamps out before
+  SGLang sees the requests and hands the clock value to the adapter. Every rank thus decides
+  the gather hold on rank 0's clock, not its own: wall clocks differ per rank, and a hold that
+  ended on one rank and not another would put different requests in their batches.
 
 Why no official seam serves: SGLang 0.5.17 has no scheduling-policy plugin point that sees the
 KV pool and can hold requests back (`SchedulePolicy.calc_priority` only sorts the queue, and
@@ -18,6 +25,8 @@ everything in the queue is then tried), and no request-lifecycle callbacks.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 from sglang_batchllm.compat import SUPPORTED_SGLANG_VERSION
 from sglang_batchllm.config import BatchLLMConfig
@@ -26,6 +35,13 @@ from sglang_batchllm.patches import Patch
 logger = logging.getLogger(__name__)
 
 MIXED_ATTENTION_BACKENDS = ("batchllm",)  # backends whose MIXED steps run decode rows as decode
+
+@dataclass(frozen=True)
+class ClockStamp:
+    """Rank 0's monotonic clock at a receive; travels in the broadcast list of requests."""
+
+    t: float
+
 
 _config: BatchLLMConfig | None = None
 _adapter = None  # the one SchedulerAdapter of this scheduler process
@@ -41,6 +57,7 @@ def _get_adapter(scheduler):
             capacity=int(scheduler.max_total_num_tokens),
             levels=_config.levels,
             min_prefix_tokens=_config.min_prefix_tokens,
+            gather_ms=_config.gather_ms,
         )
         _adapter = SchedulerAdapter(settings, scheduler.tree_cache, tp_rank=scheduler.ps.tp_rank)
         if scheduler.server_args.enable_metrics:
@@ -102,6 +119,40 @@ def _around_release_kv_cache(original, req, tree_cache, *args, **kwargs):
     return result
 
 
+def stamp_clock(recv_reqs, clock=time.monotonic):
+    """On the receiving rank, append its clock value to the received list (in place).
+
+    Only when it can matter: something arrived, or requests wait in the session (a hold may be
+    running). Then every iteration that could end a hold carries a fresh value; a decode stretch
+    with nothing waiting sends no stamp (one pickle and broadcast less per step)."""
+    if recv_reqs is None:
+        return recv_reqs  # not the receiving rank: it gets the stamp through the broadcast
+    if recv_reqs or (_adapter is not None and _adapter.session.pending):
+        recv_reqs.append(ClockStamp(clock()))
+    return recv_reqs
+
+
+def take_clock(recv_reqs):
+    """(the requests without stamps, the last stamp's clock value or None)."""
+    if not recv_reqs:
+        return recv_reqs, None
+    stamps = [r for r in recv_reqs if isinstance(r, ClockStamp)]
+    if not stamps:
+        return recv_reqs, None
+    return [r for r in recv_reqs if not isinstance(r, ClockStamp)], stamps[-1].t
+
+
+def _after_pull_raw_reqs(result, self, *args, **kwargs):
+    return stamp_clock(result)
+
+
+def _around_process_input_requests(original, self, recv_reqs, *args, **kwargs):
+    recv_reqs, now = take_clock(recv_reqs)
+    if now is not None:
+        _get_adapter(self).set_clock(now)
+    return original(self, recv_reqs, *args, **kwargs)
+
+
 def _after_retract_decode(result, self, *args, **kwargs):
     if _adapter is not None and result:
         _adapter.on_retract(len(result[0]))
@@ -122,12 +173,17 @@ def _install(config: BatchLLMConfig) -> None:
     HookRegistry.register(
         "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract_decode, HookType.AFTER
     )
+    if config.gather_ms > 0:
+        HookRegistry.register(f"{RECEIVER}._pull_raw_reqs", _after_pull_raw_reqs, HookType.AFTER)
+        HookRegistry.register(f"{sched}.process_input_requests", _around_process_input_requests, HookType.AROUND)
 
 
 def adapter():
     """This process's adapter (None before the first scheduling round or when inactive)."""
     return _adapter
 
+
+RECEIVER = "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver"
 
 PATCH = Patch(
     name="scheduler",
@@ -136,6 +192,8 @@ PATCH = Patch(
         "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
         "sglang.srt.mem_cache.common.release_kv_cache",
         "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+        f"{RECEIVER}._pull_raw_reqs",
+        "sglang.srt.managers.scheduler.Scheduler.process_input_requests",
     ),
     sglang_version=SUPPORTED_SGLANG_VERSION,
     why_no_seam="no scheduling-policy seam can hold requests back by KV memory; no request-lifecycle callbacks",

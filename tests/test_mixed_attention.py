@@ -38,6 +38,8 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMo
 from sglang.srt.runtime_context import get_context, get_parallel
 
 from sglang_batchllm.runtime import attention_backend as batchllm
+from sglang_batchllm.runtime import row_prefixes
+from sglang_batchllm.runtime.row_prefixes import RowPrefixes
 from sglang_batchllm.runtime.attention_backend import (
     BatchLLMAttnBackend,
     count_decode_rows,
@@ -178,7 +180,7 @@ def _runner(server_args, *, num_q_heads=8, num_kv_heads=2, head_dim=16, max_reqs
         token_to_kv_pool=pool,
         token_to_kv_pool_allocator=SimpleNamespace(page_size=page_size),
         sliding_window_size=None, page_size=page_size, device=DEVICE, gpu_id=0,
-        is_draft_worker=is_draft_worker,
+        is_draft_worker=is_draft_worker, dtype=DTYPE,
     )
 
 
@@ -399,6 +401,162 @@ def test_unsupported_feature_falls_back_with_one_warning(published_config, caplo
     out = _run(ours, step)
     assert ours.decode_rows is None
     assert torch.equal(out, _run(TritonAttnBackend(runner), step))
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused cascade kernel: rows that start from one cached prefix read it once
+
+
+def _make_shared_step(runner, rows, *, prefixes, mode=ForwardMode.DECODE, seed=0, publish=True):
+    """rows: (prefix id or None, own_len, extend_len): a row's context is its group's prefix
+    (shared slots, as radix matching leaves them) then `own_len` tokens of its own, the last
+    `extend_len` of which are this step's. prefixes: {id: length}. The rows' radix facts are
+    published for the step as `patches/forward_groups.py` does."""
+    config = runner.model_config
+    hq, hkv, d = config.num_q_heads, config.num_kv_heads, config.v_head_dim
+    gen = torch.Generator().manual_seed(seed)
+    pool = runner.token_to_kv_pool
+    k_buf, v_buf = pool.get_key_buffer(0), pool.get_value_buffer(0)
+    free = (torch.randperm(pool.size - 1, generator=gen) + 1).tolist()
+    shared = {}
+    for pid, length in prefixes.items():
+        slots, free[:] = free[:length], free[length:]
+        keys, values = (torch.randn(length, hkv, d, generator=gen).to(DTYPE).float() for _ in "kv")
+        k_buf[slots] = keys.to(DEVICE, DTYPE)
+        v_buf[slots] = values.to(DEVICE, DTYPE)
+        shared[pid] = (slots, keys, values)
+    pool_rows = torch.randperm(runner.req_to_token_pool.size, generator=gen)[: len(rows)]
+    qs, ks, vs, refs, out_loc, seq_lens, prefix_lens, extend_lens = ([] for _ in range(8))
+    keys_of_rows, lens_of_rows = [], []
+    for (pid, own, extend), pool_row in zip(rows, pool_rows.tolist()):
+        p_slots, p_keys, p_values = shared[pid] if pid is not None else ([], torch.zeros(0, hkv, d), torch.zeros(0, hkv, d))
+        own_slots, free[:] = free[:own], free[own:]
+        own_keys, own_values = (torch.randn(own, hkv, d, generator=gen).to(DTYPE).float() for _ in "kv")
+        cached = own - extend  # own tokens already in the pool
+        k_buf[own_slots[:cached]] = own_keys[:cached].to(DEVICE, DTYPE)
+        v_buf[own_slots[:cached]] = own_values[:cached].to(DEVICE, DTYPE)
+        row_slots = p_slots + own_slots
+        runner.req_to_token_pool.req_to_token[pool_row, : len(row_slots)] = torch.tensor(row_slots)
+        keys, values = torch.cat([p_keys, own_keys]), torch.cat([p_values, own_values])
+        query = torch.randn(extend, hq, d, generator=gen).to(DTYPE).float()
+        before = len(row_slots) - extend
+        refs.append(_reference(query, keys, values, before))
+        qs.append(query)
+        ks.append(keys[before:])
+        vs.append(values[before:])
+        out_loc += row_slots[before:]
+        seq_lens.append(len(row_slots))
+        prefix_lens.append(before)
+        extend_lens.append(extend)
+        keys_of_rows.append(1000 + pid if pid is not None else -1)
+        lens_of_rows.append(len(p_slots))
+    on = dict(device=DEVICE)
+    batch = ForwardBatch(
+        forward_mode=mode, batch_size=len(rows),
+        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, **on),
+        req_pool_indices=pool_rows.to(DEVICE), seq_lens=torch.tensor(seq_lens, **on),
+        seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=sum(seq_lens),
+        out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, **on),
+        positions=torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, extend_lens)]).to(DEVICE),
+    )
+    if not mode.is_decode():
+        batch.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, **on)
+        batch.extend_seq_lens = torch.tensor(extend_lens, dtype=torch.int32, **on)
+        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = prefix_lens, extend_lens
+        batch.extend_num_tokens = sum(extend_lens)
+    if publish:
+        row_prefixes.publish(batch.out_cache_loc, RowPrefixes(tuple(keys_of_rows), tuple(lens_of_rows)))
+    return Step(
+        batch=batch,
+        q=torch.cat(qs).reshape(-1, hq * d).to(DEVICE, DTYPE),
+        k=torch.cat(ks).to(DEVICE, DTYPE),
+        v=torch.cat(vs).to(DEVICE, DTYPE),
+        reference=torch.cat(refs).reshape(-1, hq * d),
+        layer=RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0),
+    )
+
+
+_DECODE_ROWS = [(0, 5, 1), (0, 1, 1), (None, 40, 1), (1, 9, 1), (0, 17, 1), (1, 2, 1)]
+_PREFIXES = {0: 90, 1: 33}
+
+
+@needs_kernels
+def test_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_config):
+    runner = _runner(published_config)
+    step = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=21)
+    ours = BatchLLMAttnBackend(runner)
+    out = _run(ours, step)
+    plan = ours.cascade
+    assert plan is not None and plan.num_groups == 2 and plan.num_requests == 6
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, step.reference) < TOLERANCE
+    parent = _run(TritonAttnBackend(runner), step)
+    assert _rel_err(out, parent.float().cpu()) < TOLERANCE
+    # without the rows' radix facts nothing is known to be shared: the parent's kernel runs
+    bare = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=21, publish=False)
+    assert torch.equal(_run(ours, bare), _run(TritonAttnBackend(runner), bare))
+    assert ours.cascade is None
+
+
+@needs_kernels
+def test_mixed_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_config):
+    runner = _runner(published_config)
+    rows = [(None, 30, 30), (0, 12, 12)] + _DECODE_ROWS  # two prefill rows, then decode rows
+    step = _make_shared_step(runner, rows, prefixes=_PREFIXES, mode=ForwardMode.MIXED, seed=22)
+    ours = BatchLLMAttnBackend(runner)
+    out = _run(ours, step)
+    rows_plan = ours.decode_rows
+    assert rows_plan is not None and rows_plan.cascade is not None
+    assert rows_plan.num_rows == len(_DECODE_ROWS) and rows_plan.cascade.num_groups == 2
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, step.reference) < TOLERANCE
+    parent = _run(TritonAttnBackend(runner), step)
+    assert torch.equal(out[:42], parent[:42])  # prefill rows: the parent's kernel, bit for bit
+
+
+@needs_kernels
+def test_decode_graph_path_replays_any_step_at_fixed_addresses(published_config):
+    """What a captured decode graph relies on: the capture-time plan and every replay-time plan
+    use the same buffers and grid, and each replay's outputs are right for its own batch."""
+    runner = _runner(published_config, max_reqs=12)
+    ours = BatchLLMAttnBackend(runner)
+    ours.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    capture = _make_shared_step(runner, [(None, 1, 1)] * 8, prefixes={}, seed=30, publish=False)
+    ours.init_forward_metadata_out_graph(capture.batch, in_capture=True)
+    captured = ours.cascade
+    assert captured is not None and captured.grid_items == ours._cascade_workspace.max_items
+    for seed, rows in [(31, _DECODE_ROWS + [(None, 3, 1), (0, 4, 1)]),
+                       (32, [(1, 3, 1)] * 5 + [(None, 60, 1)] * 3)]:
+        step = _make_shared_step(runner, rows, prefixes=_PREFIXES, seed=seed)
+        ours.init_forward_metadata_out_graph(step.batch)  # replay preparation
+        plan = ours.cascade
+        assert plan.items.data_ptr() == captured.items.data_ptr()
+        assert plan.prefix_kv_indices.data_ptr() == ours.cuda_graph_kv_indices.data_ptr()
+        assert plan.grid_items == captured.grid_items
+        out = ours.forward(step.q, step.k, step.v, step.layer, step.batch)
+        assert torch.isfinite(out).all()
+        assert _rel_err(out, step.reference) < TOLERANCE
+
+
+@needs_kernels
+def test_cascade_off_for_what_the_kernel_does_not_compute(published_config, caplog):
+    runner = _runner(published_config)
+    runner.model_config.hf_text_config.attn_logit_softcapping = 30.0
+    with caplog.at_level(logging.WARNING, logger=batchllm.__name__):
+        ours = BatchLLMAttnBackend(runner)
+    assert "soft-capping" in ours.cascade_fallback_reason
+    assert any("soft-capping" in r.getMessage() for r in caplog.records)
+    step = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=23)
+    out = _run(ours, step)
+    assert ours.cascade is None and torch.equal(out, _run(TritonAttnBackend(runner), step))
+    # a layer the model config did not announce is refused, never computed wrong
+    runner = _runner(published_config)
+    ours = BatchLLMAttnBackend(runner)
+    step = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=24)
+    step.layer.logit_cap = 5.0
+    ours.init_forward_metadata(step.batch)
+    with pytest.raises(RuntimeError, match="--attention-backend triton"):
+        ours.forward(step.q, step.k, step.v, step.layer, step.batch)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,13 @@ import torch
 
 from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_batchllm.kernels import CascadePlan, build_decode_plan
+from sglang_batchllm.kernels.cascade_plan import CascadeWorkspace, default_launch_config
+from sglang_batchllm.kernels.step_groups import NO_KEY, StepGroups, cascade_pays, group_rows
+
+from . import row_prefixes
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +105,36 @@ def mixed_fallback_reason(
     return None
 
 
+def cascade_fallback_reason(
+    *,
+    mixed_reason: Optional[str],
+    kv_dtype,
+    q_dtype,
+    qk_head_dim: int,
+    v_head_dim: int,
+    unified_pool: bool,
+    logit_cap: float,
+) -> Optional[str]:
+    """Why decode attention must stay on SGLang's Triton kernel (the fused cascade kernel
+    computes plain softmax attention over bf16/fp16 KV of one head size), or None."""
+    if mixed_reason is not None:
+        return mixed_reason
+    if kv_dtype != q_dtype:
+        return f"KV cache dtype {kv_dtype} differs from the model's {q_dtype} (quantized KV)"
+    if qk_head_dim != v_head_dim:
+        return f"key head dim {qk_head_dim} != value head dim {v_head_dim}"
+    if unified_pool:
+        return "a unified (virtual-to-physical) KV pool"
+    if logit_cap and logit_cap > 0:
+        return f"attention logit soft-capping ({logit_cap})"
+    return None
+
+
+def _model_logit_cap(model_config) -> float:
+    hf = getattr(model_config, "hf_text_config", None) or getattr(model_config, "hf_config", None)
+    return float(getattr(hf, "attn_logit_softcapping", None) or 0.0)
+
+
 @dataclass(frozen=True)
 class DecodeRows:
     """This step's decode rows: batch rows [first_row, first_row + num_rows), query tokens
@@ -111,6 +148,7 @@ class DecodeRows:
     num_kv_splits: torch.Tensor  # [num_rows] int32
     attn_logits: torch.Tensor  # [num_rows, H, max_kv_splits, Dv] fp32 split partials
     attn_lse: torch.Tensor  # [num_rows, H, max_kv_splits] fp32
+    cascade: Optional[CascadePlan] = None  # when set, the rows run the fused cascade kernel
 
 
 class BatchLLMAttnBackend(TritonAttnBackend):
@@ -133,8 +171,8 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         )
         if self.mixed_fallback_reason is not None:
             logger.warning(
-                "batchllm attention: mixed-chunk decode rows stay on the Triton extend kernel "
-                "(%s)", self.mixed_fallback_reason,
+                "batchllm attention: SGLang's Triton kernels serve every step (decode, and the "
+                "decode rows of mixed steps on its extend kernel): %s", self.mixed_fallback_reason,
             )
         # Small per-row buffers, allocated once; a batch never has more rows than request slots.
         max_rows = model_runner.req_to_token_pool.size
@@ -144,10 +182,35 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         self._decode_num_kv_splits = torch.zeros(max_rows, **int32)
         self.decode_rows: Optional[DecodeRows] = None
 
+        # The fused cascade kernel for decode rows (DECODE steps and MIXED decode rows).
+        key_buffer = model_runner.token_to_kv_pool.get_key_buffer(0)
+        self.head_dim = int(key_buffer.shape[-1])
+        self.cascade_fallback_reason = cascade_fallback_reason(
+            mixed_reason=self.mixed_fallback_reason,
+            kv_dtype=key_buffer.dtype,
+            q_dtype=model_runner.dtype,
+            qk_head_dim=self.head_dim,
+            v_head_dim=int(self.v_head_dim),
+            unified_pool=self._translate_kv_loc is not None,
+            logit_cap=_model_logit_cap(model_runner.model_config),
+        )
+        if self.cascade_fallback_reason is not None and self.mixed_fallback_reason is None:
+            logger.warning(
+                "batchllm attention: decode runs SGLang's Triton decode kernel, not the fused "
+                "cascade kernel (%s)", self.cascade_fallback_reason,
+            )
+        self.cascade: Optional[CascadePlan] = None  # this DECODE step's plan
+        self._cascade_workspace: Optional[CascadeWorkspace] = None  # CUDA-graph decode
+
     # -- plan (once per step) ------------------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch):
         self.decode_rows = None
+        self.cascade = None
+        if self._cascade_on(forward_batch):
+            self.cascade = self._plan_cascade_decode(forward_batch)
+            if self.cascade is not None:
+                return  # the parent's decode metadata would go unused
         num_decode = self._num_decode_rows(forward_batch)
         if num_decode == 0:
             return super().init_forward_metadata(forward_batch)
@@ -155,10 +218,116 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         super().init_forward_metadata(_leading_rows(forward_batch, num_prefill))
         self.decode_rows = self._plan_decode_rows(forward_batch, num_prefill)
 
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None,
+                              cuda_graph_num_kv_splits_buf=None):
+        super().init_cuda_graph_state(
+            max_bs, max_num_tokens, kv_indices_buf=kv_indices_buf,
+            cuda_graph_num_kv_splits_buf=cuda_graph_num_kv_splits_buf,
+        )
+        if self.cascade_fallback_reason is None:
+            hpk = self.num_head // self.num_kv_head
+            self._cascade_workspace = CascadeWorkspace(
+                max_tokens=max_num_tokens, num_q_heads=self.num_head, head_dim=self.head_dim,
+                device=self.device, config=default_launch_config("decode", hpk, 64),
+            )
+
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
-        # Graph capture / replay paths plan through the parent only; never leave a stale plan.
+        """Decode graphs run the fused kernel: at capture over a plan of the capture batch, at
+        each replay over this step's plan written into the same workspace (fixed addresses
+        and grid; the kernel reads the live item count), with the slots in the parent's
+        graph kv-index buffer, which only the parent's decode kernel would otherwise read."""
         self.decode_rows = None
+        self.cascade = None
+        ws = self._cascade_workspace
+        if (
+            ws is not None
+            and forward_batch.forward_mode.is_decode_or_idle()
+            and getattr(forward_batch, "spec_info", None) is None
+        ):
+            if in_capture:  # the parent's capture-time metadata keeps its own state whole
+                super().init_forward_metadata_out_graph(forward_batch, in_capture=True)
+            self.cascade = self._plan_cascade_decode(
+                forward_batch, workspace=ws, slot_base=self.cuda_graph_kv_indices, always=True
+            )
+            return None
         return super().init_forward_metadata_out_graph(forward_batch, in_capture=in_capture)
+
+    # -- the fused cascade decode plan ---------------------------------------------------------
+
+    def _cascade_on(self, forward_batch) -> bool:
+        return (
+            self.cascade_fallback_reason is None
+            and forward_batch.forward_mode.is_decode()
+            and getattr(forward_batch, "spec_info", None) is None
+            and forward_batch.batch_size > 0
+        )
+
+    def _plan_cascade_decode(self, forward_batch, *, workspace=None, slot_base=None,
+                             always: bool = False) -> Optional[CascadePlan]:
+        bs = forward_batch.batch_size
+        seq_lens = forward_batch.seq_lens_cpu
+        if seq_lens is None:  # a batch without a host mirror: one small copy
+            seq_lens = forward_batch.seq_lens.cpu()
+        seq = [int(x) for x in seq_lens[:bs].tolist()]
+        keys, lens = _row_facts(forward_batch, 0, bs)
+        groups = group_rows(keys, lens, seq)
+        if not always and not cascade_pays(groups, seq):
+            return None
+        return self._build_cascade(groups, seq, forward_batch.req_pool_indices[:bs],
+                                   workspace=workspace, slot_base=slot_base)
+
+    def _build_cascade(self, groups: StepGroups, seq: list[int], pool_indices: torch.Tensor,
+                       *, workspace=None, slot_base=None) -> CascadePlan:
+        """Slots from `req_to_token` on the device (one launch for the groups' prefixes, one
+        for every row's own part), lengths from the host, then the plan."""
+        num_rows, num_groups = len(seq), groups.num_groups
+        prefix_len = groups.group_prefix_len
+        suffix_len = [s - start for s, start in zip(seq, groups.suffix_start)]
+        prefix_indptr = _cumsum(prefix_len)
+        suffix_indptr = _cumsum(suffix_len)
+        num_prefix, num_suffix = prefix_indptr[-1], suffix_indptr[-1]
+        host = torch.tensor(
+            groups.group_rows + prefix_len + prefix_indptr + groups.suffix_start + suffix_len
+            + suffix_indptr, dtype=torch.int32,
+        )
+        on_cuda = torch.device(self.device).type == "cuda"
+        dev = host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host.to(self.device)
+        g_rows, g_len, g_indptr, s_start, s_len, s_indptr = dev.split(
+            [num_groups, num_groups, num_groups + 1, num_rows, num_rows, num_rows + 1]
+        )
+        if slot_base is None:
+            slots = torch.empty(num_prefix + num_suffix, dtype=torch.int32, device=self.device)
+        else:
+            if num_prefix + num_suffix > slot_base.numel():
+                raise RuntimeError(
+                    f"batchllm attention: a decode step of {num_rows} rows reads "
+                    f"{num_prefix + num_suffix} KV slots, more than the graph buffer's "
+                    f"{slot_base.numel()}"
+                )
+            slots = slot_base
+        stride = self.req_to_token.stride(0)
+        if num_groups:
+            create_flashinfer_kv_indices_triton[(num_groups,)](
+                self.req_to_token, pool_indices[g_rows.long()], g_len, g_indptr, None, slots,
+                stride,
+            )
+        if num_rows:
+            create_flashinfer_kv_indices_triton[(num_rows,)](
+                self.req_to_token, pool_indices, s_len, s_indptr, s_start, slots[num_prefix:],
+                stride,
+            )
+        return build_decode_plan(
+            prefix_kv_indptr=prefix_indptr,
+            prefix_kv_indices=slots[:num_prefix],
+            suffix_kv_indptr=suffix_indptr,
+            suffix_kv_indices=slots[num_prefix:num_prefix + num_suffix],
+            request_group=groups.request_group,
+            num_q_heads=self.num_head,
+            num_kv_heads=self.num_kv_head,
+            head_dim=self.head_dim,
+            workspace=workspace,
+            slot_base=slot_base,
+        )
 
     def _num_decode_rows(self, forward_batch) -> int:
         if self.mixed_fallback_reason is not None or not forward_batch.forward_mode.is_mixed():
@@ -173,6 +342,17 @@ class BatchLLMAttnBackend(TritonAttnBackend):
     def _plan_decode_rows(self, forward_batch, first_row: int) -> DecodeRows:
         batch_size = forward_batch.batch_size
         num_rows = batch_size - first_row
+        first_token = int(sum(forward_batch.extend_seq_lens_cpu[:first_row]))
+        if self.cascade_fallback_reason is None:
+            seq = [int(p) + 1 for p in forward_batch.extend_prefix_lens_cpu[first_row:batch_size]]
+            keys, lens = _row_facts(forward_batch, first_row, batch_size)
+            groups = group_rows(keys, lens, seq)
+            if cascade_pays(groups, seq):
+                plan = self._build_cascade(
+                    groups, seq, forward_batch.req_pool_indices[first_row:batch_size]
+                )
+                return DecodeRows(first_row, first_token, num_rows, None, None, None, None, None,
+                                  cascade=plan)
         # Row r's context is its prefix plus this step's token: prefix_len + 1 keys, sized on the
         # host from the same lists that drive the device lengths (no sync, no overflow).
         kv_lens = self._decode_kv_lens[:num_rows]
@@ -198,7 +378,7 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         logits = splits + (self.v_head_dim,)
         return DecodeRows(
             first_row=first_row,
-            first_token=int(sum(forward_batch.extend_seq_lens_cpu[:first_row])),
+            first_token=first_token,
             num_rows=num_rows,
             kv_indptr=kv_indptr,
             kv_indices=kv_indices,
@@ -260,6 +440,10 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             k_descale, v_descale = layer.k_scale_float, layer.v_scale_float
         else:
             k_descale, v_descale = 1.0, 1.0
+        if rows.cascade is not None:
+            _check_cascade_layer(layer, sinks, score_mod)
+            self._run_cascade(rows.cascade, q, o, layer, start, end)
+            return o
         if aux_tensors is not None:
             aux_tensors = [t[start:end] for t in aux_tensors]  # per query token, like q
         self.decode_attention_fwd(
@@ -286,6 +470,92 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             aux_tensors=aux_tensors,
         )
         return o
+
+
+    def forward_decode(
+        self,
+        q,
+        k,
+        v,
+        layer,
+        forward_batch,
+        save_kv_cache=True,
+        sinks=None,
+        score_mod=None,
+        aux_tensors=None,
+    ):
+        plan = self.cascade
+        if plan is None:
+            return super().forward_decode(
+                q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )
+        _check_cascade_layer(layer, sinks, score_mod)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = torch.empty_like(q)
+        if save_kv_cache:
+            self._set_kv_buffer(
+                forward_batch, layer, forward_batch.out_cache_loc, k, v, layer.k_scale, layer.v_scale
+            )
+        self._run_cascade(plan, q, o, layer, 0, q.shape[0])
+        return o
+
+    def _run_cascade(self, plan: CascadePlan, q, o, layer, start: int, end: int) -> None:
+        from sglang_batchllm.kernels.cascade_attention import cascade_forward
+
+        heads, dim = layer.tp_q_head_num, layer.qk_head_dim
+        cascade_forward(
+            q.view(-1, heads, dim)[start:end],
+            self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.token_to_kv_pool.get_value_buffer(layer.layer_id),
+            plan,
+            layer.scaling,
+            out=o.view(-1, heads, dim)[start:end],
+        )
+
+
+def _check_cascade_layer(layer, sinks, score_mod) -> None:
+    """What the fused kernel does not compute; the init-time check covers the model config,
+    this one each layer (raised at the first step, i.e. at CUDA-graph capture)."""
+    unsupported = []
+    if sinks is not None:
+        unsupported.append("attention sinks")
+    if score_mod is not None:
+        unsupported.append("a score_mod")
+    if layer.logit_cap and layer.logit_cap > 0:
+        unsupported.append(f"logit cap {layer.logit_cap}")
+    if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+        unsupported.append(f"sliding window {layer.sliding_window_size}")
+    if getattr(layer, "xai_temperature_len", None) and layer.xai_temperature_len > 0:
+        unsupported.append("xai temperature")
+    if layer.qk_head_dim != layer.v_head_dim:
+        unsupported.append("different key and value head dims")
+    if unsupported:
+        raise RuntimeError(
+            f"batchllm attention: layer {layer.layer_id} uses {', '.join(unsupported)}, which "
+            "the fused cascade kernel does not compute; run with --attention-backend triton"
+        )
+
+
+def _row_facts(forward_batch, first: int, end: int) -> tuple[list[int], list[int]]:
+    """Rows [first, end) of the step's published prefix facts; rows without facts (padding,
+    a batch built elsewhere) run as plain requests."""
+    facts = row_prefixes.lookup(getattr(forward_batch, "out_cache_loc", None))
+    n = end - first
+    if facts is None:
+        return [NO_KEY] * n, [0] * n
+    keys = list(facts.keys[first:end])
+    lens = list(facts.lens[first:end])
+    pad = n - len(keys)
+    return keys + [NO_KEY] * pad, lens + [0] * pad
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out, total = [0], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
 
 
 def _leading_rows(forward_batch, num_rows: int):

@@ -14,6 +14,9 @@ from four places of SGLang's scheduler:
 - `on_released(req)`: SGLang released a request's KV (finished, aborted or retracted).
 - `on_retract(n)`: a decode batch retracted n requests (counted and logged: the policy's
   reservations are meant to make this never happen on a batch job).
+- `set_clock(t)`: the clock value for this loop iteration, read by TP rank 0 and broadcast with
+  the received requests (`patches/scheduler.py`), so the gather hold decides the same on every
+  rank; the adapter never reads a clock itself.
 
 Pins go through the tree cache's `pin`/`unpin` (`runtime/pinned_cache.py`).
 """
@@ -52,6 +55,7 @@ class AdapterSettings:
     levels: int = 1
     min_prefix_tokens: int = 32
     clip_max_new_tokens: int = 4096
+    gather_ms: int = 0  # the gather hold's bound (0: off); see policy/admission.py rule 4
 
 
 def decode_budget(req: Any, clip: int) -> int:
@@ -90,7 +94,10 @@ class SchedulerAdapter:
         self.log = tp_rank == 0
         planner = PlannerConfig(settings.page_size, settings.levels, settings.min_prefix_tokens)
         self.session = PlanningSession(planner, max_prefix_tokens=int(settings.capacity * MAX_PIN_FRACTION))
-        self.admission = AdmissionConfig(settings.clip_max_new_tokens)
+        self.admission = AdmissionConfig(settings.clip_max_new_tokens, gather_s=settings.gather_ms / 1000)
+        # rank 0's clock value of this iteration (set_clock); None until one came: no hold then
+        self.now: float | None = None
+        self.last_held = 0  # groups held back to gather in the last round
         self._arrived: list[Any] = []  # queued, not yet planned
         self._reqs: dict[str, Any] = {}  # rid -> Req of every request the session knows
         self._pins: dict[int, Any] = {}  # gid -> the cache's pin handle
@@ -99,6 +106,13 @@ class SchedulerAdapter:
         STATS.active = True
 
     # ---- arrivals -------------------------------------------------------------------------
+    def set_clock(self, now: float) -> None:
+        self.now = now
+
+    @property
+    def _arrival_time(self) -> float:
+        return 0.0 if self.now is None else self.now
+
     def on_queued(self, req: Any, is_retracted: bool) -> None:
         if is_retracted and req.rid in self.session:
             self.session.retracted(req.rid)
@@ -113,15 +127,16 @@ class SchedulerAdapter:
         shared = [r for r in batch if _shareable(r)]
         unshared = [r for r in batch if not _shareable(r)]
         try:
-            created = self.session.add([_plan_request(r, clip) for r in shared])
-            self.session.add_unshared([_plan_request(r, clip) for r in unshared])
+            now = self._arrival_time
+            created = self.session.add([_plan_request(r, clip) for r in shared], now=now)
+            self.session.add_unshared([_plan_request(r, clip) for r in unshared], now=now)
         except PlanInputError as err:
             # all-or-nothing failed (a duplicate id): take them one by one, keep the rest
             created = []
             for r in batch:
                 try:
                     add = self.session.add if _shareable(r) else self.session.add_unshared
-                    created += add([_plan_request(r, clip)])
+                    created += add([_plan_request(r, clip)], now=self._arrival_time)
                 except PlanInputError as one:
                     logger.warning("sglang_batchllm: request %r runs unplanned: %s", r.rid, one)
                     self._unmanaged.add(r.rid)
@@ -152,7 +167,8 @@ class SchedulerAdapter:
         self._forget_aborted(scheduler.waiting_queue)
         self._pin_cached_prefixes()
         pool = self.pool_view(scheduler, running_batch)
-        decision = plan_admission(self.session, pool, self.admission)
+        decision = plan_admission(self.session, pool, self.admission, now=self.now)
+        self.last_held = len(decision.held)
         full_queue = scheduler.waiting_queue
         offered = [self._reqs[rid] for rid in decision.offer]
         offered += [r for r in full_queue if r.rid in self._unmanaged]

@@ -1,0 +1,50 @@
+"""Tell the attention backend which rows of a step start from the same cached prefix.
+
+Target (SGLang 0.5.17): `ForwardBatch.init_new`, AFTER: the batch's requests are at hand
+there, in row order (a MIXED batch lists its prefill requests, then the running ones, as its
+rows are laid out); their radix nodes and prefix lengths are published for the step
+(`runtime/row_prefixes.py`).
+
+Why no official seam serves: SGLang's attention-backend interface receives a `ForwardBatch`
+(or, under CUDA-graph replay, a view of the graph's buffers) with no per-request cache facts,
+and there is no hook for per-step metadata from the scheduler to the backend.
+"""
+
+from __future__ import annotations
+
+from sglang_batchllm.compat import SUPPORTED_SGLANG_VERSION
+from sglang_batchllm.config import BatchLLMConfig
+from sglang_batchllm.patches import Patch
+
+TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+
+
+def _after_init_new(result, *args, **kwargs):
+    from sglang_batchllm.runtime import row_prefixes
+
+    batch = kwargs.get("batch")
+    if batch is None:
+        batch = next((a for a in args if hasattr(a, "reqs") and hasattr(a, "forward_mode")), None)
+    reqs = getattr(batch, "reqs", None)
+    mode = getattr(result, "forward_mode", None)
+    if reqs and mode is not None and (mode.is_decode() or mode.is_mixed()):
+        row_prefixes.publish(result.out_cache_loc, row_prefixes.rows_of(reqs))
+    return result
+
+
+def _install(config: BatchLLMConfig) -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(TARGET, _after_init_new, HookType.AFTER)
+
+
+PATCH = Patch(
+    name="forward_groups",
+    targets=(TARGET,),
+    sglang_version=SUPPORTED_SGLANG_VERSION,
+    why_no_seam=(
+        "SGLang's attention backends get no per-request radix-cache facts, and no hook carries "
+        "per-step metadata from the scheduler's batch to the backend"
+    ),
+    install=_install,
+)
