@@ -5,7 +5,8 @@ from __future__ import annotations
 
 # ServerArgs field -> value. `radix_cache_backend`: the pinned radix cache (a RadixCache that can
 # hold a group's prefix for the group's lifetime); `attention_backend`: SGLang's Triton kernels,
-# with the decode rows of mixed steps run by the decode kernel (runtime/attention_backend.py).
+# with the fused cascade kernel for decode rows that share a cached prefix, in decode steps (CUDA
+# graphs too) and in mixed steps (runtime/attention_backend.py).
 SERVER_DEFAULTS: dict[str, str] = {
     "radix_cache_backend": "batchllm",
     "attention_backend": "batchllm",

@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "arms run earlier into the same --out with the same settings join the report; "
                         "vanilla-again gives an A/A run that measures noise")
     p.add_argument("--vanilla-backend", default="triton", choices=VANILLA_BACKENDS, help="vanilla arms' attention backend")
-    p.add_argument("--batchllm-backend", default="batchllm", help="BatchLLM arm's attention backend (default: BatchLLM's own, SGLang's Triton kernels with decode rows of mixed steps on the decode kernel)")
+    p.add_argument("--batchllm-backend", default="batchllm", help="BatchLLM arm's attention backend (default: BatchLLM's own: the fused cascade kernel for decode rows that share a cached prefix, SGLang's Triton kernels for the rest; 'triton' gives BatchLLM's scheduling alone)")
     p.add_argument("--engine-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="extra sglang.Engine keyword for every arm's engine (value parsed as JSON if it can be)")
     p.add_argument("--batchllm", action="append", default=[], type=_key_value, metavar="FIELD=VALUE",

@@ -14,6 +14,7 @@ exactly `prefix` tokens, and nothing else shares anything by accident.
 | authors | 400 groups x 16 = 6400 | prefix 2000 / distinct 200 / output 100 (the paper's benchmark) |
 | w1 | 64 groups x 16 = 1024 | prefix 2000 / distinct 200 / output 100 (docs/baseline.md's W1: all prefixes fit the cache) |
 | decode-heavy | 100 groups x 16 = 1600 | prefix 2000 / distinct 200 / output 500 |
+| short-prefix | 128 groups x 8 = 1024 | prefix 128 / distinct 300 / output 100 (little to share: a cost rule that shares anyway loses) |
 | sweep | 9 x 256 | group size 4/16/64 x output 10/100/500; prefix 2000 / distinct 200 |
 | control | 512 | 2200 distinct tokens each, output 100: no sharing at all |
 | two-level | 64 docs x 8 questions = 512 | system 1000 + document 1500 + question 100, output 100 |
@@ -180,6 +181,10 @@ def decode_heavy(gen: _Gen) -> list[Workload]:
     return [shared_prefix(gen, "decode-heavy", gen.scaled(100), 16, 2000, 200, 500)]
 
 
+def short_prefix(gen: _Gen) -> list[Workload]:
+    return [shared_prefix(gen, "short-prefix", gen.scaled(128), 8, 128, 300, 100)]
+
+
 SWEEP_GROUP_SIZES = (4, 16, 64)
 SWEEP_OUTPUTS = (10, 100, 500)
 SWEEP_REQUESTS = 256  # per cell; prefix 2000 / distinct 200 as in the paper's benchmark
@@ -224,6 +229,7 @@ WORKLOADS: dict[str, Callable[[_Gen], list[Workload]]] = {
     "authors": authors,
     "w1": w1,
     "decode-heavy": decode_heavy,
+    "short-prefix": short_prefix,
     "sweep": sweep,
     "control": control,
     "two-level": two_level,
