@@ -90,6 +90,16 @@ class BatchLLMConfig:
             server=True,
         ),
     )
+    gather_ms: int = field(
+        default=5,
+        metadata=_setting(
+            "Longest time, in ms, a group of requests that trickled in is held back so that more "
+            "requests sharing its prefix can gather before it is computed; never applied to a "
+            "request that shares nothing, never longer than computing the prefix takes (0 = off).",
+            lo=0,
+            hi=1000,
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -96,6 +96,9 @@ ENABLED_HOOKS = FLAG_HOOKS + [
     "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
     "sglang.srt.mem_cache.common.release_kv_cache",
     "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+    # the gather hold's clock from TP rank 0 (on by default: --batchllm-gather-ms 5)
+    "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
+    "sglang.srt.managers.scheduler.Scheduler.process_input_requests",
 ]
 
 
@@ -109,7 +112,7 @@ def test_register_is_idempotent():
          for t, h in HookRegistry._hooks.items()}
     n = {t: c for t, c in n.items() if c}
     print(n)
-    assert all(v == 1 for v in n.values()) and len(n) == 7, n
+    assert all(v == 1 for v in n.values()) and len(n) == 9, n
     """
     out = _run(code, {"SGLANG_BATCHLLM_ENABLE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -7,6 +7,12 @@ finish. The session keeps the plan *live*:
 - a batch that arrives at once is planned as one (`add` runs the planner over it); a request
   whose prompt starts with the prefix of a live group **joins** that group instead, so late
   arrivals never regroup or move a request that is already running;
+- requests that trickle in one by one **gather**: a request that shares a prefix worth a group
+  (`min_prefix_tokens`, page-aligned, as the planner decides) with a request that is known but
+  not admitted, in a group nothing of which is admitted (`WAITING`), forms a new group with it
+  when that saves more prefill than joining the best live group (the planner's level-1 saving,
+  applied one arrival at a time; see `_place`). Only members of `WAITING` groups move, so a
+  group's composition is frozen from the moment its leader is admitted;
 - groups move through `WAITING -> PREFILLING -> CACHED -> DONE` driven by lifecycle calls
   (`admitted`, `prefix_cached`, `finished`, `retracted`, `aborted`); the calls return the
   pin/unpin decisions (`Pin`, `Unpin`) the adapter applies to the radix cache;
@@ -17,8 +23,10 @@ Groups with no shared prefix (`prefix_len == 0`) hold one request and are never 
 Nested plans (levels > 1) run each request in its deepest group, whose prefix includes its
 ancestors' (pinning a radix node pins its ancestors too).
 
-Deterministic: decisions depend only on the calls and their order (no clocks, no hashing of
-str, no randomness), so every TP rank that makes the same calls reaches the same state.
+Deterministic: decisions depend only on the calls and their order (no hashing of str, no
+randomness); time is an input (`add(..., now=)`, a clock value the caller passes, the same on
+every TP rank), never read here, so every TP rank that makes the same calls reaches the same
+state.
 Pure Python: no torch, no SGLang.
 """
 
@@ -31,11 +39,17 @@ from dataclasses import dataclass, field
 
 from .build import build_plan
 from .inputs import PlanInputError, PlannerConfig, PlanRequest
-from .tokens import TOKEN_BYTES, TokenIds
+from .tokens import TOKEN_BYTES, TokenIds, common_prefix_len
 
 # Live groups are found by the first JOIN_KEY_TOKENS tokens of their prefix (or the whole
 # prefix when shorter): a bucket lookup, then an exact comparison of the prefix bytes.
 JOIN_KEY_TOKENS = 16
+
+# Known-but-waiting requests are scanned for a shared prefix per arrival; the scan looks at the
+# most recent ones of the arrival's bucket only, so an arrival costs O(1) compares however long
+# the queue (a request that waited past this many newer arrivals with the same first tokens has
+# had its chance to gather).
+GATHER_SCAN_LIMIT = 256
 
 
 class GroupState(enum.Enum):
@@ -70,6 +84,8 @@ class Member:
     prompt_len: int
     max_new_tokens: int
     gid: int
+    arrived: float = 0.0  # the caller's clock value when the request was added
+    ids: TokenIds | None = None  # its prompt, kept only while it may still gather (waiting)
 
 
 @dataclass
@@ -85,6 +101,9 @@ class LiveGroup:
     # without them, so the policy admits them only from memory nobody has claimed
     late: set[str] = field(default_factory=set)
     prefix_computations: int = 0  # leaders elected; > 1 means the prefix was computed again
+    born: float = 0.0  # arrival of its earliest member: the gather hold is measured from it
+    shareable: bool = True  # False for add_unshared requests: never gathered, never joined
+    gathered: bool = False  # formed (or grown) by trickle arrivals gathering, not by a batch plan
 
     @property
     def prefix_len(self) -> int:
@@ -108,6 +127,8 @@ class PlanningSession:
         self._members: dict[str, Member] = {}
         self._join_index: dict[bytes, list[int]] = {}  # join key -> gids of live shared groups
         self._join_key_lens: set[int] = set()  # key lengths in use (prefixes shorter than the key)
+        # first tokens -> rids (insertion-ordered) of pending members of WAITING groups that may gather
+        self._waiting_index: dict[bytes, dict[str, None]] = {}
         self._next_gid = itertools.count()
         self.pending = 0  # requests known and not admitted (kept in step with the groups' lists)
         self.batches = 0
@@ -116,12 +137,15 @@ class PlanningSession:
         self.retractions = 0
 
     # ---- intake -------------------------------------------------------------------------
-    def add(self, requests: Iterable[PlanRequest]) -> list[int]:
+    def add(self, requests: Iterable[PlanRequest], now: float = 0.0) -> list[int]:
         """Plan newly arrived requests as one batch; returns the gids of the groups created.
 
         A request that extends the prefix of a live shared group joins it (appended to its
-        pending members); the others are planned together by the global planner and form new
-        groups. All-or-nothing: a duplicate or already known id rejects the whole batch.
+        pending members), unless gathering with a waiting request saves more (`_place`); the
+        others are planned together by the global planner and form new groups, and the ones
+        the planner leaves alone try to gather with waiting requests. `now` is the caller's
+        clock value for this arrival (the gather hold is measured from it). All-or-nothing: a
+        duplicate or already known id rejects the whole batch.
         """
         batch = list(requests)
         seen: set[str] = set()
@@ -132,55 +156,71 @@ class PlanningSession:
                 raise PlanInputError(f"request id {req.rid!r} is already in the session; ids must be unique")
             seen.add(req.rid)
         self.batches += 1
+        created: list[int] = []
         fresh = []
         for req in batch:
-            gid = self._live_group_for(req)
-            if gid is None:
+            if self._live_group_for(req) is None:
                 fresh.append(req)
             else:
-                self._enroll(req, gid)
+                created += self._place(req, now)
         if not fresh:
-            return []
+            return created
         plan = build_plan(fresh, self.config)
         self.last_plan = plan.metrics
-        created = []
         for group in plan.groups:
             if not group.members:
                 continue  # a pure parent of nested groups: its requests live in the children
-            if group.is_shared and (self.max_prefix_tokens is None or group.prefix_len <= self.max_prefix_tokens):
-                created.append(self._open_group(group.prefix_ids, [plan.request(rid) for rid in group.members]))
-            else:  # requests that share nothing worth a group: one group each
+            if group.is_shared and self._pinnable(group.prefix_len):
+                created.append(self._open_group(group.prefix_ids, [plan.request(rid) for rid in group.members], now))
+            else:  # requests that share nothing worth a group in this batch: gather or stand alone
                 for rid in group.members:
-                    created.append(self._open_group(TokenIds(), [plan.request(rid)]))
+                    created += self._place(plan.request(rid), now)
         return created
 
-    def add_unshared(self, requests: Iterable[PlanRequest]) -> list[int]:
+    def add_unshared(self, requests: Iterable[PlanRequest], now: float = 0.0) -> list[int]:
         """Requests that must not share a prefix (multimodal, input embeddings, a cache
-        namespace): one group each, never joined, never pinned."""
+        namespace): one group each, never joined, never pinned, never gathered."""
         batch = list(requests)
         for req in batch:
             if req.rid in self._members:
                 raise PlanInputError(f"request id {req.rid!r} is already in the session; ids must be unique")
-        return [self._open_group(TokenIds(), [req]) for req in batch]
+        return [self._open_group(TokenIds(), [req], now, shareable=False) for req in batch]
 
-    def _open_group(self, prefix_ids: TokenIds, members: list[PlanRequest]) -> int:
+    def _pinnable(self, prefix_len: int) -> bool:
+        return self.max_prefix_tokens is None or prefix_len <= self.max_prefix_tokens
+
+    def _open_group(self, prefix_ids: TokenIds, members: list[PlanRequest], now: float,
+                    shareable: bool = True) -> int:
         gid = next(self._next_gid)
-        self._groups[gid] = LiveGroup(gid, prefix_ids)
+        self._groups[gid] = LiveGroup(gid, prefix_ids, born=now, shareable=shareable)
         if prefix_ids:
-            self._join_index.setdefault(self._join_key(prefix_ids.packed, len(prefix_ids)), []).append(gid)
-            if len(prefix_ids) < JOIN_KEY_TOKENS:
-                self._join_key_lens.add(len(prefix_ids))
+            self._index_group(gid, prefix_ids)
         for req in members:
-            self._enroll(req, gid)
+            self._enroll(req, gid, now)
         return gid
 
-    def _enroll(self, req: PlanRequest, gid: int) -> None:
-        self._members[req.rid] = Member(req.rid, req.prompt_len, req.max_new_tokens, gid)
+    def _index_group(self, gid: int, prefix_ids: TokenIds) -> None:
+        self._join_index.setdefault(self._join_key(prefix_ids.packed, len(prefix_ids)), []).append(gid)
+        if len(prefix_ids) < JOIN_KEY_TOKENS:
+            self._join_key_lens.add(len(prefix_ids))
+
+    def _unindex_group(self, group: LiveGroup) -> None:
+        key = self._join_key(group.prefix_ids.packed, group.prefix_len)
+        bucket = self._join_index[key]
+        bucket.remove(group.gid)
+        if not bucket:
+            del self._join_index[key]
+
+    def _enroll(self, req: PlanRequest, gid: int, now: float) -> None:
         group = self._groups[gid]
+        m = Member(req.rid, req.prompt_len, req.max_new_tokens, gid, arrived=now)
+        self._members[req.rid] = m
         group.pending.append(req.rid)
         self.pending += 1
         if group.state is not GroupState.WAITING:
             group.late.add(req.rid)
+        elif group.shareable:
+            self._index_waiting(m, req.input_ids)
 
     @staticmethod
     def _join_key(packed: bytes, prefix_len: int) -> bytes:
@@ -198,6 +238,109 @@ class PlanningSession:
                 if plen > best_len and req.prompt_len > plen and packed[: plen * TOKEN_BYTES] == group.prefix_ids.packed:
                     best, best_len = gid, plen
         return best
+
+    # ---- gathering trickle arrivals ---------------------------------------------------------
+    @property
+    def _min_share(self) -> int:
+        """The shortest prefix worth a group: the planner's rule (`GroupSolver.share`)."""
+        page = self.config.page_size
+        return max(self.config.min_prefix_tokens, page, 1)
+
+    def _gather_key_len(self) -> int:
+        # two prompts sharing a prefix worth a group share at least their first _min_share tokens
+        return min(JOIN_KEY_TOKENS, self._min_share)
+
+    def _index_waiting(self, m: Member, ids: TokenIds) -> None:
+        k = self._gather_key_len()
+        if len(ids) <= k:
+            return  # too short to share a prefix worth a group and keep a token of its own
+        m.ids = ids
+        self._waiting_index.setdefault(ids.packed[: k * TOKEN_BYTES], {})[m.rid] = None
+
+    def _unindex_waiting(self, m: Member) -> None:
+        if m.ids is None:
+            return
+        key = m.ids.packed[: self._gather_key_len() * TOKEN_BYTES]
+        bucket = self._waiting_index.get(key)
+        if bucket is not None:
+            bucket.pop(m.rid, None)
+            if not bucket:
+                del self._waiting_index[key]
+        m.ids = None
+
+    def _share(self, a: TokenIds, b: TokenIds) -> int:
+        """Tokens two prompts could share as a group prefix: their common prefix, cut to the page
+        size, each keeping at least one token of its own; 0 when that is not worth a group."""
+        limit = min(len(a), len(b)) - 1
+        n = common_prefix_len(a.packed, 0, b.packed, 0, limit)
+        n -= n % self.config.page_size
+        return n if n >= self._min_share and self._pinnable(n) else 0
+
+    def _place(self, req: PlanRequest, now: float) -> list[int]:
+        """Put one request that the batch plan left alone where it saves most prefill.
+
+        Options, scored by the planner's level-1 saving (a group of k members with prefix p
+        saves (k - 1) p):
+        - join the live shared group with the longest prefix `p` the request extends: +p;
+        - gather with a waiting member `m` of a WAITING group (prefix q, or 0 when `m` is
+          alone) into a new group on their common prefix L: +L, and m's old group loses one
+          member's saving q, so +(L - q).
+        Strictly better gathering wins; ties keep the join (nothing moves). Returns the gids
+        of the groups created."""
+        join = self._live_group_for(req)
+        best_gain = self._groups[join].prefix_len if join is not None else 0
+        partner, share = None, 0
+        k = self._gather_key_len()
+        bucket = self._waiting_index.get(req.input_ids.packed[: k * TOKEN_BYTES]) if req.prompt_len > k else None
+        if bucket:
+            stale = []
+            for rid in list(reversed(bucket))[:GATHER_SCAN_LIMIT]:  # newest first
+                m = self._members.get(rid)
+                g = None if m is None else self._groups[m.gid]
+                if g is None or g.state is not GroupState.WAITING or m.ids is None:
+                    stale.append(rid)  # admitted, gone, or its group opened: no longer gathers
+                    continue
+                L = self._share(req.input_ids, m.ids)
+                if L - g.prefix_len > best_gain:
+                    partner, share, best_gain = m, L, L - g.prefix_len
+            for rid in stale:
+                m = self._members.get(rid)
+                if m is not None:
+                    self._unindex_waiting(m)
+                else:
+                    bucket.pop(rid, None)
+            if not bucket:
+                self._waiting_index.pop(req.input_ids.packed[: k * TOKEN_BYTES], None)
+        if partner is not None:
+            return [self._gather(partner, req, share, now)]
+        if join is not None:
+            self._enroll(req, join, now)
+            return []
+        gid = self._open_group(TokenIds(), [req], now)
+        return [gid]
+
+    def _gather(self, partner: Member, req: PlanRequest, share: int, now: float) -> int:
+        """A new group of `partner` (taken out of its WAITING group) and `req` on `share` tokens."""
+        old = self._groups[partner.gid]
+        assert old.state is GroupState.WAITING and not old.running, "only waiting groups give members away"
+        old.pending.remove(partner.rid)
+        self.pending -= 1
+        if not old.pending:
+            self._maybe_done(old)
+        elif old.is_shared and len(old.pending) == 1:
+            # one member left: a group of one saves nothing; it stands alone (and may gather again)
+            self._unindex_group(old)
+            old.prefix_ids = TokenIds()
+        prefix = req.input_ids[:share]
+        gid = next(self._next_gid)
+        group = LiveGroup(gid, prefix, born=min(partner.arrived, now), gathered=True)
+        self._groups[gid] = group
+        self._index_group(gid, prefix)
+        partner.gid = gid
+        group.pending.append(partner.rid)
+        self.pending += 1
+        self._enroll(req, gid, now)
+        return gid
 
     # ---- views for the policy --------------------------------------------------------------
     def groups(self) -> Iterator[LiveGroup]:
@@ -236,6 +379,7 @@ class PlanningSession:
         self.pending -= 1
         group.late.discard(rid)
         group.running.add(rid)
+        self._unindex_waiting(self._members[rid])
         if group.state is GroupState.WAITING:
             if group.is_shared:
                 group.state, group.leader = GroupState.PREFILLING, rid
@@ -290,7 +434,7 @@ class PlanningSession:
             self.pending -= 1
         group.late.discard(rid)
         group.running.discard(rid)
-        del self._members[rid]
+        self._unindex_waiting(self._members.pop(rid))
         return self._maybe_done(group)
 
     def _maybe_done(self, group: LiveGroup) -> list[Event]:
@@ -299,11 +443,7 @@ class PlanningSession:
         group.state = GroupState.DONE
         del self._groups[group.gid]
         if group.is_shared:
-            key = self._join_key(group.prefix_ids.packed, group.prefix_len)
-            bucket = self._join_index[key]
-            bucket.remove(group.gid)
-            if not bucket:
-                del self._join_index[key]
+            self._unindex_group(group)
         return [Unpin(group.gid)] if group.pinned else []
 
     def _require(self, rid: str) -> LiveGroup:

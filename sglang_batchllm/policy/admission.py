@@ -14,7 +14,15 @@ Rules (BatchLLM section 2-3), applied every time the scheduler forms a prefill b
    How many groups are in flight is thus a memory decision, not a fixed wave size.
 3. **Plan order.** New groups open in the session's order (decode-heavy first); the first
    one that does not fit stops the opening (no small group overtakes, the order is kept).
-4. **Progress.** When nothing runs and nothing is reserved, the first waiting group is opened
+4. **Gather hold.** With `gather_s > 0` and a clock value `now` passed in, a WAITING shared
+   group that could open is *held* (its memory reserved, its leader not offered) while
+   `now - born < min(gather_s, prefix_len / prefill_tokens_per_s)`: `born` is its earliest
+   member's arrival, so no request is held more than `gather_s` after it arrived, and never
+   longer than computing the group's prefix once takes (a hold exists to let siblings gather
+   into the group while its prefix is still open to regrouping; waiting longer than the prefill
+   a sibling could save costs more than it can gain). Requests that share nothing (unshared
+   groups) are never held. The policy reads no clock: `now` is an input.
+5. **Progress.** When nothing runs and nothing is reserved, the first waiting group is opened
    even if it does not fit as a whole: its members then enter one by one as memory frees,
    so a group larger than the pool runs in waves instead of deadlocking.
 
@@ -52,9 +60,18 @@ class PoolView:
     page_size: int = 1
 
 
+# Prefill rate the gather hold's "never longer than it saves" bound assumes: 790 TFLOP/s bf16
+# matmul measured on the project's H200 (docs/baseline.md) over about 15 GFLOP of matmul per
+# token for Llama-3.1-8B (same place): about 52,700 prompt tokens/s. A faster engine only
+# shortens what a hold may cost, so a slower model (larger ones) holds at most this long.
+DEFAULT_PREFILL_TOKENS_PER_S = 790e12 / 15e9
+
+
 @dataclass(frozen=True)
 class AdmissionConfig:
     clip_max_new_tokens: int = DEFAULT_CLIP_MAX_NEW_TOKENS
+    gather_s: float = 0.0  # longest gather hold, seconds; 0: never hold
+    prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,16 @@ class Admission:
     opened: tuple[int, ...]
     reserved: int
     headroom: int
+    held: tuple[int, ...] = ()  # groups whose leader is held back to gather (memory reserved)
+    release_at: float | None = None  # the earliest `now` at which a held group stops being held
+
+
+def hold_until(group: LiveGroup, config: AdmissionConfig) -> float:
+    """The clock value until which `group` may be held to gather (see rule 4)."""
+    if config.gather_s <= 0 or not group.is_shared:
+        return float("-inf")
+    worth = group.prefix_len / config.prefill_tokens_per_s if config.prefill_tokens_per_s > 0 else 0.0
+    return group.born + min(config.gather_s, worth)
 
 
 def request_cost(member: Member, group: LiveGroup, page_size: int, clip: int) -> int:
@@ -100,8 +127,10 @@ def _claim(session: PlanningSession, g: LiveGroup, costs: list[int]) -> int:
 
 
 def plan_admission(
-    session: PlanningSession, pool: PoolView, config: AdmissionConfig = AdmissionConfig()
+    session: PlanningSession, pool: PoolView, config: AdmissionConfig = AdmissionConfig(),
+    now: float | None = None,
 ) -> Admission:
+    """`now`: the caller's clock value (the same on every TP rank); None disables the hold."""
     page, clip = pool.page_size, config.clip_max_new_tokens
     spendable = pool.free - pool.running_need
     claimed = 0  # reservations of the open groups seen so far that stay unspent this round
@@ -140,17 +169,26 @@ def plan_admission(
 
     # 3. open waiting groups in plan order while the whole group fits
     opened: list[int] = []
+    held: list[int] = []
+    release_at = None
+    hold = now is not None and config.gather_s > 0
     idle = pool.running_need == 0 and reserved == 0
     for g in session.groups():
         if g.state is not GroupState.WAITING:
             continue
         cost = group_cost(session, g, page, clip)
-        if cost > headroom and not (idle and not opened and not offer):
+        if cost > headroom and not (idle and not opened and not offer and not held):
             break
+        headroom -= cost  # a held group keeps its place in the plan order and its memory
+        if hold:
+            until = hold_until(g, config)
+            if now < until:
+                held.append(g.gid)
+                release_at = until if release_at is None else min(release_at, until)
+                continue
         offer.append(g.pending[0])
         opened.append(g.gid)
-        headroom -= cost
-    return Admission(tuple(offer), tuple(opened), reserved, headroom)
+    return Admission(tuple(offer), tuple(opened), reserved, headroom, tuple(held), release_at)
 
 
 def running_need(prompt_left: int, max_new_tokens: int, output_len: int, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:

@@ -14,10 +14,19 @@ It follows SGLang's step structure closely enough for the properties that matter
   and its own slots return to the pool (the radix cache's evictable part counts as free).
 
 `run()` asserts the pool is never over-committed: that is "no retraction" in SGLang terms.
+
+Time (for the gather hold): the engine keeps a clock. Each step lasts `TimeModel.step_s` of its
+work (a roofline from the project's measured H200 ceilings, see `TimeModel`); a step with
+nothing to run jumps the clock to the next event (an arrival, or a held group's release), as
+SGLang's loop spins until something can run. `run(arrivals=...)` feeds requests at given clock
+values; `trickle_programs` models SGLang's `run_batch` (a thread pool of clients, one request
+per program step, each step sent when the previous one finished). The clock value is passed to
+the session and the policy, which read none themselves.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from sglang_batchllm.planner.inputs import PlanRequest
@@ -47,6 +56,29 @@ class StepRecord:
     decode_tokens: int
     slots_used: int
     admitted: int
+    start: float = 0.0
+    held: int = 0  # groups held back to gather this step
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """Seconds per step: max(weights read, matmul of the step's tokens) + decode KV reads.
+
+    Defaults are the measured ceilings of the project's H200 and the Llama-3.1-8B shape
+    (docs/baseline.md): bf16 matmul 790 TFLOP/s, device copy 4.3 TB/s, about 15 GFLOP of matmul
+    per token (so about 15 GB of bf16 weights read per step), 128 KiB of KV per token."""
+
+    matmul_flops_per_s: float = 790e12
+    copy_bytes_per_s: float = 4.3e12
+    flops_per_token: float = 15e9
+    weight_bytes: float = 15e9
+    kv_bytes_per_token: float = 128 * 1024
+
+    def step_s(self, prefill_tokens: int, decode_tokens: int, decode_context: int) -> float:
+        matmul = (prefill_tokens + decode_tokens) * self.flops_per_token / self.matmul_flops_per_s
+        weights = self.weight_bytes / self.copy_bytes_per_s
+        kv = decode_context * self.kv_bytes_per_token / self.copy_bytes_per_s
+        return max(matmul, weights) + kv
 
 
 @dataclass
@@ -55,14 +87,28 @@ class SimResult:
     finished: list[str] = field(default_factory=list)
     prefix_tokens_computed: dict[int, int] = field(default_factory=dict)  # gid -> tokens
     gid_of: dict[str, int] = field(default_factory=dict)
+    prefill_tokens: int = 0  # prompt tokens computed, all requests
+    arrived_at: dict[str, float] = field(default_factory=dict)
+    admitted_at: dict[str, float] = field(default_factory=dict)
+    finished_at: dict[str, float] = field(default_factory=dict)
+    held_at_admission: dict[str, float] = field(default_factory=dict)  # rid -> hold its group had left
+    shared_at_admission: dict[str, bool] = field(default_factory=dict)  # rid -> its group shared a prefix
+    end: float = 0.0
 
 
 class SimulatedEngine:
     def __init__(self, capacity: int, step_tokens: int, page_size: int = 1,
-                 admission: AdmissionConfig = AdmissionConfig(), session: PlanningSession | None = None):
+                 admission: AdmissionConfig = AdmissionConfig(), session: PlanningSession | None = None,
+                 time_model: TimeModel | None = None):
         self.capacity, self.step_tokens, self.page_size = capacity, step_tokens, page_size
         self.admission = admission
         self.session = session or PlanningSession()
+        self.time = time_model or TimeModel()
+        self.now = 0.0
+        self.on_finish = None  # callback(engine, rid) when a request finishes (closed-loop clients)
+        self._arrivals: list[tuple[float, int, PlanRequest]] = []  # heap of (time, seq, request)
+        self._seq = 0
+        self._release_at: float | None = None
         self.pinned: dict[int, int] = {}  # gid -> pinned slots
         self.running: dict[str, SimRequest] = {}
         self.chunked: SimRequest | None = None
@@ -73,7 +119,20 @@ class SimulatedEngine:
     def submit(self, batch: list[PlanRequest]) -> None:
         for r in batch:
             self.requests[r.rid] = r
-        self.session.add(batch)
+            self.result.arrived_at[r.rid] = self.now
+        self.session.add(batch, now=self.now)
+
+    def arrive(self, at: float, req: PlanRequest) -> None:
+        """Queue `req` to arrive when the clock reaches `at`."""
+        heapq.heappush(self._arrivals, (at, self._seq, req))
+        self._seq += 1
+
+    def _deliver(self) -> None:
+        batch = []
+        while self._arrivals and self._arrivals[0][0] <= self.now:
+            batch.append(heapq.heappop(self._arrivals)[2])
+        if batch:  # one scheduler round's receive: planned together, as SGLang's adapter does
+            self.submit(batch)
 
     def _apply(self, events) -> None:
         for ev in events:
@@ -102,12 +161,14 @@ class SimulatedEngine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> StepRecord:
+        self._deliver()
         self._pin_ready_prefixes()
         budget, prefill, admitted = self.step_tokens, 0, 0
         if self.chunked is not None:  # the in-flight chunk goes first, as in SGLang
             prefill += self._prefill(self.chunked, budget)
             budget = self.step_tokens - prefill
-        adm = plan_admission(self.session, self.pool(), self.admission)
+        adm = plan_admission(self.session, self.pool(), self.admission, now=self.now)
+        self._release_at = adm.release_at
         for rid in adm.offer:
             if budget <= 0 or self.chunked is not None:
                 break
@@ -115,6 +176,8 @@ class SimulatedEngine:
             cached = group.prefix_len if group.state is GroupState.CACHED and group.is_shared else 0
             sim = SimRequest(rid, req.prompt_len, req.max_new_tokens, cached=cached)
             self.result.gid_of[rid] = group.gid
+            self.result.admitted_at[rid] = self.now
+            self.result.shared_at_admission[rid] = group.is_shared
             self._apply(self.session.admitted(rid))
             if group.is_shared and group.leader == rid and cached == 0:
                 self.result.prefix_tokens_computed[group.gid] = (
@@ -124,7 +187,7 @@ class SimulatedEngine:
             done = self._prefill(sim, budget)
             prefill += done
             budget -= done
-        decode = 0
+        decode, context, done = 0, 0, []
         for rid, r in list(self.running.items()):
             if not r.prompt_done or r is self.chunked:
                 continue
@@ -132,14 +195,28 @@ class SimulatedEngine:
                 r.output += 1
                 r.own_slots += 1
                 decode += 1
+                context += r.prompt_len + r.output
             if r.output >= r.max_new_tokens:
                 del self.running[rid]
-                self.result.finished.append(rid)
+                done.append(rid)
                 self._apply(self.session.finished(rid))
         used = self.used_slots()
         assert used <= self.capacity, f"KV pool over-committed: {used} > {self.capacity} (a retraction)"
-        rec = StepRecord(prefill, decode, used, admitted)
+        rec = StepRecord(prefill, decode, used, admitted, start=self.now, held=len(adm.held))
         self.result.steps.append(rec)
+        self.result.prefill_tokens += prefill
+        if prefill or decode:
+            self.now += self.time.step_s(prefill, decode, context)
+        else:  # nothing ran: the loop spins until the next arrival or hold release
+            nxt = [t for t in (self._release_at, self._arrivals[0][0] if self._arrivals else None) if t is not None]
+            if nxt:
+                self.now = max(self.now, min(nxt))
+        for rid in done:  # finished at the end of the step that produced the last token
+            self.result.finished.append(rid)
+            self.result.finished_at[rid] = self.now
+            if self.on_finish is not None:
+                self.on_finish(self, rid)
+        self.result.end = self.now
         return rec
 
     def _prefill(self, r: SimRequest, budget: int) -> int:
@@ -151,14 +228,16 @@ class SimulatedEngine:
 
     def run(self, max_steps: int = 1_000_000) -> SimResult:
         for _ in range(max_steps):
-            if not self.running and len(self.session) == 0:
+            if not self.running and len(self.session) == 0 and not self._arrivals:
                 return self.result
             before = (len(self.result.finished), self.used_slots(), len(self.running))
             rec = self.step()
             self.session.check_invariants()
             progressed = rec.prefill_tokens or rec.decode_tokens or rec.admitted or (
                 (len(self.result.finished), self.used_slots(), len(self.running)) != before)
-            assert progressed or self._pin_pending(), f"the queue stalled while work remains: {self._describe()}"
+            waiting_on_clock = rec.held > 0 or (not self.running and len(self.session) == 0 and self._arrivals)
+            assert progressed or self._pin_pending() or waiting_on_clock, (
+                f"the queue stalled while work remains: {self._describe()}")
         raise AssertionError("simulation did not finish")
 
     def _describe(self) -> str:
