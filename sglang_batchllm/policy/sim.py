@@ -91,7 +91,9 @@ class SimResult:
     arrived_at: dict[str, float] = field(default_factory=dict)
     admitted_at: dict[str, float] = field(default_factory=dict)
     finished_at: dict[str, float] = field(default_factory=dict)
-    held_at_admission: dict[str, float] = field(default_factory=dict)  # rid -> hold its group had left
+    # every hold: (now, gid, is_shared, earliest arrival among its members, prefix_len)
+    holds: list[tuple[float, int, bool, float, int]] = field(default_factory=list)
+    prefix_len_of: dict[int, int] = field(default_factory=dict)  # gid -> prefix length when computed
     shared_at_admission: dict[str, bool] = field(default_factory=dict)  # rid -> its group shared a prefix
     end: float = 0.0
 
@@ -169,6 +171,10 @@ class SimulatedEngine:
             budget = self.step_tokens - prefill
         adm = plan_admission(self.session, self.pool(), self.admission, now=self.now)
         self._release_at = adm.release_at
+        for gid in adm.held:
+            g = self.session.group(gid)
+            first = min(self.result.arrived_at[r] for r in (*g.pending, *g.running))
+            self.result.holds.append((self.now, gid, g.is_shared, first, g.prefix_len))
         for rid in adm.offer:
             if budget <= 0 or self.chunked is not None:
                 break
@@ -182,6 +188,7 @@ class SimulatedEngine:
             if group.is_shared and group.leader == rid and cached == 0:
                 self.result.prefix_tokens_computed[group.gid] = (
                     self.result.prefix_tokens_computed.get(group.gid, 0) + group.prefix_len)
+                self.result.prefix_len_of[group.gid] = group.prefix_len
             self.running[rid] = sim
             admitted += 1
             done = self._prefill(sim, budget)
