@@ -41,7 +41,7 @@ def add_batchllm_flags(parser: argparse.ArgumentParser) -> None:
             type=_parse_bool if is_bool else str if is_str else int,
             default=None,  # None = not given on the command line: keep the environment's value
             metavar="0|1" if is_bool else "PATH" if is_str else "N",
-            help=f"{f.metadata['help']} Default: {getattr(defaults, f.name)}.",
+            help=f"{f.metadata['help']}" + (f" Default: {getattr(defaults, f.name)}." if getattr(defaults, f.name) != "" else ""),
         )
 
 
