@@ -9,9 +9,11 @@ reads and validates every line and plans the batch, printing wall time and peak 
 groups of 250 sharing a prefix text of about 2,000 tokens, then about 200 tokens of their own),
 in words of the bundled model's corpus, and the measurement tokenizes them with the bundled
 tokenizer (sglang_batchllm/bundled_model), as `python -m sglang_batchllm.batch` does by default;
-it reports the mean prompt length it got, and the tokenizer's load time apart.
+it reports the mean prompt length it got, and the tokenizer's load time apart. `--chat` writes
+the same texts as OpenAI chat lines instead (the shared text as the system message, the rest as
+the user's), tokenized through the bundled chat template.
 
-    taskset -c 0 python scripts/bench_batch_reader.py [--text] [--requests N] [--tokens T] [--file PATH] [--keep]
+    taskset -c 0 python scripts/bench_batch_reader.py [--text | --chat] [--requests N] [--tokens T] [--file PATH] [--keep]
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def generate(path: str, requests: int, tokens: int, group_size: int = 250, prefi
             f.write(json.dumps({"id": f"r{i}", "input_ids": shared + own, "max_new_tokens": 100}) + "\n")
 
 
-def generate_text(path: str, requests: int, tokens: int, group_size: int = 250, prefix: int = 2000) -> None:
+def generate_text(path: str, requests: int, tokens: int, group_size: int = 250, prefix: int = 2000,
+                  chat: bool = False) -> None:
     """Text lines of about `tokens` bundled-tokenizer tokens, groups sharing about `prefix`."""
     from sglang_batchllm import bundled_model
     from sglang_batchllm.jobs.tokenizer import HFEncoder
@@ -59,10 +62,16 @@ def generate_text(path: str, requests: int, tokens: int, group_size: int = 250, 
                 shared = f"Document {i // group_size}: " + " ".join(
                     rng.choice(words) for _ in range(round(prefix / per_word)))
             own = " ".join(rng.choice(words) for _ in range(own_words))
-            f.write(json.dumps({"id": f"r{i}", "text": f"{shared}\nQuestion {i}: {own}", "max_new_tokens": 100}) + "\n")
+            if chat:
+                messages = [{"role": "system", "content": shared}, {"role": "user", "content": f"Question {i}: {own}"}]
+                line = {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                        "body": {"messages": messages, "max_tokens": 100}}
+            else:
+                line = {"id": f"r{i}", "text": f"{shared}\nQuestion {i}: {own}", "max_new_tokens": 100}
+            f.write(json.dumps(line) + "\n")
 
 
-def measure(path: str, text: bool = False) -> None:
+def measure(path: str, text: bool = False, chat: bool = False) -> None:
     from sglang_batchllm.jobs.reader import read_file
     from sglang_batchllm.planner import PlannerConfig
     from sglang_batchllm.planner.build import IncrementalPlanner
@@ -83,7 +92,7 @@ def measure(path: str, text: bool = False) -> None:
     plan = planner.plan()
     t2 = time.perf_counter()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    print(json.dumps({"mode": "text" if text else "token ids", "requests": len(result.requests),
+    print(json.dumps({"mode": "chat" if chat else "text" if text else "token ids", "requests": len(result.requests),
                       "mean_prompt_tokens": round(result.prompt_tokens / max(1, len(result.requests))),
                       "tokenizer_load_s": round(load_s, 1), "cores": len(os.sched_getaffinity(0)),
                       "bytes": result.size, "read_validate_s": round(t1 - t0, 1),
@@ -96,23 +105,30 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100_000)
     p.add_argument("--tokens", type=int, default=2200)
     p.add_argument("--text", action="store_true", help="text lines, tokenized with the bundled tokenizer")
+    p.add_argument("--chat", action="store_true", help="chat lines, through the bundled chat template")
     p.add_argument("--file", help="use (or write) this file instead of a temporary one")
     p.add_argument("--keep", action="store_true", help="keep the generated file")
     p.add_argument("--measure", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.text and args.chat:
+        p.error("give one of --text and --chat")
     if args.measure:
-        measure(args.measure, args.text)
+        measure(args.measure, args.text or args.chat, args.chat)
         return
-    kind = "text" if args.text else "ids"
+    kind = "chat" if args.chat else "text" if args.text else "ids"
     path = args.file or os.path.join(tempfile.gettempdir(), f"batch-{kind}-{args.requests}x{args.tokens}.jsonl")
     if not os.path.exists(path):
         t = time.perf_counter()
-        (generate_text if args.text else generate)(path, args.requests, args.tokens)
+        if args.text or args.chat:
+            generate_text(path, args.requests, args.tokens, chat=args.chat)
+        else:
+            generate(path, args.requests, args.tokens)
         print(f"wrote {path}: {os.path.getsize(path) / 2**30:.2f} GiB in {time.perf_counter() - t:.0f} s",
               file=sys.stderr)
     print(f"reproduce: {sys.executable} {' '.join(sys.argv)}", file=sys.stderr)
     try:
-        subprocess.run([sys.executable, __file__, "--measure", path, *(["--text"] if args.text else [])], check=True)
+        mode = ["--chat"] if args.chat else ["--text"] if args.text else []
+        subprocess.run([sys.executable, __file__, "--measure", path, *mode], check=True)
     finally:
         if not args.keep and not args.file:
             os.remove(path)

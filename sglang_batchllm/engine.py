@@ -2,7 +2,7 @@
 
 Takes every `sglang.Engine` keyword (they are `ServerArgs` fields) plus our settings, either as
 `batchllm=BatchLLMConfig(...)` or as `batchllm_<field>=value` keywords. With no `model_path`
-it serves the bundled model with dummy weights.
+it serves the bundled model and its trained weights (sglang_batchllm/bundled_model).
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def split_batchllm_kwargs(kwargs: dict[str, Any], base: BatchLLMConfig) -> Batch
     return base.replace(**changes)
 
 
+def with_default_model(kwargs: dict) -> dict:
+    """The bundled model when no `model_path` (or built `server_args`) is given. Its weights
+    ship in the package, so SGLang's default `load_format` loads them."""
+    if "server_args" in kwargs or kwargs.get("model_path") is not None:
+        return kwargs
+    return dict(kwargs, model_path=bundled_model.model_dir())
+
+
 class Engine(_SGLangEngine):
     def __init__(self, *, batchllm: BatchLLMConfig | None = None, **kwargs: Any):
         check_sglang_version()
@@ -44,10 +52,7 @@ class Engine(_SGLangEngine):
             require_cuda(kwargs.get("device"), what="sglang_batchllm.Engine()", other_device="device=")
         base = batchllm if batchllm is not None else BatchLLMConfig.from_env()
         config = split_batchllm_kwargs(kwargs, base).replace(enable=True)
-        if "server_args" not in kwargs and kwargs.get("model_path") is None:
-            kwargs["model_path"] = bundled_model.model_dir()
-            kwargs.setdefault("load_format", "dummy")
-        kwargs = with_default_kwargs(kwargs)
+        kwargs = with_default_kwargs(with_default_model(kwargs))
         self.batchllm_config = config
         # The scheduler processes are spawned inside super().__init__ and inherit the
         # environment at that moment; restore it afterwards so that a plain sglang.Engine

@@ -224,3 +224,68 @@ def test_token_id_lines_behind_a_text_line_do_not_pile_up():
     result = reader.finish()
     assert [r.index for r in result.requests] == list(range(10 * BATCH_LINES - 1))
     assert result.requests[0].plan.input_ids.tolist() == [ord(c) for c in "hello"]
+
+
+CHATS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a page?"}],
+    [{"role": "user", "content": "ünïcödé and emoji 🙂"}, {"role": "assistant", "content": "ok"},
+     {"role": "user", "content": "again <|eot|> with a special token's text inside"}],
+    [{"role": "user", "content": "  leading spaces\nand\ttabs  "}],
+    [{"role": "user", "content": "The planner looks at the whole batch. " * 30}],
+]
+
+
+def test_bundled_tokenizer_renders_then_batch_encodes_chats_as_encode_chat_does():
+    from sglang_batchllm import bundled_model
+    from sglang_batchllm.jobs.tokenizer import HFEncoder
+
+    enc = HFEncoder(bundled_model.model_dir())
+    rendered = [enc.render_chat(m) for m in CHATS]
+    assert enc.encode_batch(rendered, add_special_tokens=False) == [enc.encode_chat(m) for m in CHATS]
+    # the two settings are checked apart: a plain batch after a chat batch still gets encode's ids
+    assert enc.encode_batch(["plain text", "more"]) == [enc.encode("plain text"), enc.encode("more")]
+
+
+def test_chat_lines_batched_with_text_lines_give_the_ids_of_one_at_a_time():
+    from sglang_batchllm import bundled_model
+    from sglang_batchllm.jobs.tokenizer import BATCH_LINES, HFEncoder
+
+    lines = []
+    for i in range(3 * BATCH_LINES + 17):
+        kind = i % 4
+        if kind == 0:
+            lines.append(openai(f"c{i}", {"messages": CHATS[i % len(CHATS)] + [{"role": "user", "content": f"n{i}"}]},
+                                url=CHAT))
+        elif kind == 1:
+            lines.append(json.dumps({"id": f"t{i}", "text": f"text line {i}"}))
+        elif kind == 2:
+            lines.append(openai(f"e{i}", {"messages": []}, url=CHAT))  # bad: no messages
+        else:
+            lines.append(json.dumps({"id": f"i{i}", "input_ids": [5, 6, i + 7]}))
+    batched = HFEncoder(bundled_model.model_dir())
+    calls = []
+    real = batched.encode_batch
+    batched.encode_batch = lambda texts, **kw: calls.append(kw) or real(texts, **kw)
+    got = read_lines(lines, "f.jsonl", encoder=batched, on_error="skip")
+    one_at_a_time = HFEncoder(bundled_model.model_dir())
+    one_at_a_time.encode_batch = None  # the reader's line-by-line path: encode / encode_chat
+    want = read_lines(lines, "f.jsonl", encoder=one_at_a_time, on_error="skip")
+    assert [(r.line, r.custom_id, r.url, r.plan.input_ids.tolist()) for r in got.requests] == \
+        [(r.line, r.custom_id, r.url, r.plan.input_ids.tolist()) for r in want.requests]
+    assert [str(e) for e in got.errors] == [str(e) for e in want.errors] and len(want.errors) == len(lines) // 4
+    assert {"add_special_tokens": False} in calls  # chats went through the batch
+    assert len(calls) <= 2 * (len(lines) // (2 * BATCH_LINES) + 2)  # batches, not lines
+
+
+class NoTemplateBatchEncoder(BatchCharEncoder):
+    def render_chat(self, messages):
+        raise RuntimeError("no chat template here")
+
+
+def test_a_chat_the_template_cannot_render_is_its_own_line_error():
+    lines = [json.dumps({"id": "a", "text": "fine"}),
+             openai("b", {"messages": [{"role": "user", "content": "hi"}]}, url=CHAT)]
+    got = read_lines(lines, "f", encoder=NoTemplateBatchEncoder(), on_error="skip")
+    assert [r.custom_id for r in got.requests] == ["a"]
+    assert [str(e) for e in got.errors] == ["f:2: the tokenizer failed on 'body.messages': no chat template here"]

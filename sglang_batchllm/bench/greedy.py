@@ -1,9 +1,12 @@
 """Greedy-equality check: BatchLLM's scheduler must not change what the model outputs.
 
-`python -m sglang_batchllm.bench.greedy --out DIR` (GPU) builds a shuffled shared-prefix batch,
-writes a random-weight checkpoint of the bundled model (realistic weight scales, so greedy
-outputs depend on the prompt; SGLang's dummy loader fills weights with tiny uniform values that
-make most outputs one repeated token pair), runs it through vanilla `sglang.Engine` and through
+`python -m sglang_batchllm.bench.greedy --out DIR` (GPU) builds a shuffled shared-prefix batch
+and runs it on the bundled model with its trained weights (`--weights random`: a random-weight
+checkpoint of the same shape instead, at realistic weight scales; either way greedy outputs
+depend on the prompt, where SGLang's dummy loader fills weights with tiny uniform values that
+make most outputs one repeated token pair). With the trained weights the prompts are windows of
+the tokenized corpus, text the model knows; with random weights, random token ids. It runs the
+batch through vanilla `sglang.Engine` and through
 `sglang_batchllm.Engine`, each in a child process, and reports: how many outputs are identical,
 how many distinct outputs there are, and for each output that differs, the top-2 logprob
 margin of vanilla's model at the first differing position (a near-tie shows up as a small
@@ -26,17 +29,40 @@ NEAR_TIE = 0.05  # nats between the top two tokens
 MIN_EQUAL = 0.97
 
 
-def build_batch(groups: int, size: int, prefix: int, distinct: int, output: int, seed: int = 0):
+def build_batch(groups: int, size: int, prefix: int, distinct: int, output: int, seed: int = 0,
+                text_ids: list[int] | None = None):
+    """`groups` x `size` requests, each group sharing a `prefix`-token head, then `distinct` tokens
+    of each request's own. Tokens are random ordinary ids, or with `text_ids` contiguous windows
+    of that token stream (so a trained model reads text it knows)."""
     rng = random.Random(seed)
     vocab = range(8, 1000)  # the bundled tokenizer's ordinary ids
+
+    def tokens(n: int) -> list[int]:
+        if text_ids is None:
+            return [rng.choice(vocab) for _ in range(n)]
+        out: list[int] = []
+        while len(out) < n:  # a window, wrapping to another window when the stream is short
+            start = rng.randrange(max(1, len(text_ids) - (n - len(out))))
+            out += text_ids[start:start + n - len(out)]
+        return out
+
     reqs = []
     for g in range(groups):
-        head = [rng.choice(vocab) for _ in range(prefix)]
+        head = tokens(prefix)
         for m in range(size):
-            reqs.append({"rid": f"g{g}-{m}", "input_ids": head + [rng.choice(vocab) for _ in range(distinct)],
-                         "max_new_tokens": output})
+            reqs.append({"rid": f"g{g}-{m}", "input_ids": head + tokens(distinct), "max_new_tokens": output})
     rng.shuffle(reqs)
     return reqs
+
+
+def corpus_ids() -> list[int]:
+    """The bundled corpus, tokenized by the bundled tokenizer."""
+    from tokenizers import Tokenizer
+
+    from sglang_batchllm.bundled_model import model_dir
+
+    tok = Tokenizer.from_file(str(Path(model_dir()) / "tokenizer.json"))
+    return tok.encode((Path(model_dir()) / "corpus.txt").read_text(encoding="utf-8")).ids
 
 
 def write_random_checkpoint(out: Path, seed: int = 0) -> Path:
@@ -144,6 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", type=int, default=400)
     p.add_argument("--distinct", type=int, default=40)
     p.add_argument("--output", type=int, default=32)
+    p.add_argument("--weights", choices=("trained", "random"), default="trained",
+                   help="the bundled model's trained weights (default), or random ones of its shape")
     p.add_argument("--backend", default=None, help="attention backend for both engines (default: each engine's own)")
     p.add_argument("--child"), p.add_argument("--model"), p.add_argument("--batch"), p.add_argument("--result")
     a = p.parse_args(argv)
@@ -152,8 +180,14 @@ def main(argv=None) -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = write_random_checkpoint(out / "model")
-    reqs = build_batch(a.groups, a.size, a.prefix, a.distinct, a.output)
+    if a.weights == "random":
+        model = write_random_checkpoint(out / "model")
+        reqs = build_batch(a.groups, a.size, a.prefix, a.distinct, a.output)
+    else:
+        from sglang_batchllm.bundled_model import model_dir
+
+        model = Path(model_dir())
+        reqs = build_batch(a.groups, a.size, a.prefix, a.distinct, a.output, text_ids=corpus_ids())
     batch = out / "batch.json"
     batch.write_text(json.dumps(reqs))
     ours = _spawn("batchllm", model, batch, out / "batchllm.json", a.backend, {"SGLANG_BATCHLLM_ENABLE": "1"})["outputs"]

@@ -17,7 +17,8 @@ of its input); each good line keeps only its packed token ids (`TokenIds`, 4 byt
 its few sampling params. Text is tokenized here, once, so the planner and the engine get the
 same ids and nothing tokenizes it again; with an encoder that has `encode_batch` (HFEncoder)
 text lines are tokenized 256 at a time (`tokenizer.BATCH_LINES`), in file order, and a line the
-tokenizer fails on still gets its own `FILE:LINE` error.
+tokenizer fails on still gets its own `FILE:LINE` error. Chats are rendered by the chat template
+as each line is read and then tokenized in the same batches (`render_chat`).
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ class _Text(str):
         return str(self)
 
 
+class _ChatText(_Text):
+    """A chat rendered by the template, waiting for the batch: tokenized without the special
+    tokens `encode` adds (the template wrote them)."""
+
+    __slots__ = ()
+
+
 @dataclass(slots=True)
 class _TextLine:
     """A parsed line whose prompt is text still to be tokenized."""
@@ -91,6 +99,7 @@ class _TextLine:
     max_new: int | None
     sampling: dict[str, Any]
     name: str
+    chat: bool = False  # rendered by the chat template: encode with add_special_tokens=False
 
 
 class Reader:
@@ -115,6 +124,9 @@ class Reader:
         # Text lines wait here to be tokenized BATCH_LINES at a time; once one waits, every later
         # line (good or bad) queues behind it, so requests and errors stay in file order.
         self._batching = callable(getattr(encoder, "encode_batch", None))
+        # chats join the batches as text rendered line by line: the template's Python is per
+        # line anyway, but the tokenizing then costs one Rust call a batch, not a call a line
+        self._batching_chats = self._batching and callable(getattr(encoder, "render_chat", None))
         self._queue: list[tuple[int, Any]] = []
         self._queued_texts = 0
 
@@ -183,26 +195,40 @@ class Reader:
             self._commit(number, item)
 
     def _encode_texts(self, texts: list["_TextLine"]) -> list[Any]:
-        """Token ids for each text, or the PlanInputError of the one the tokenizer failed on: a
-        failing batch is redone line by line to find which."""
-        if not texts:
-            return []
-        try:
-            out = [ids if isinstance(ids, list) else list(ids)
-                   for ids in self.encoder.encode_batch([t.text for t in texts])]
-            if len(out) == len(texts):
-                return out
-        except PlanInputError:
-            pass
-        except Exception:  # noqa: BLE001 - one line's trouble; find it below
-            pass
-        results: list[Any] = []
-        for t in texts:
+        """Token ids for each text, or the PlanInputError of the one the tokenizer failed on:
+        plain texts in one call and rendered chats in another (no special tokens added); a
+        failing call is redone line by line to find which line fails."""
+        results: list[Any] = [None] * len(texts)
+        for chat in (False, True):
+            where = [i for i, t in enumerate(texts) if t.chat == chat]
+            if not where:
+                continue
+            batch = [texts[i].text for i in where]
+            out: list[Any] | None = None
             try:
-                results.append(self._encode_now(t.text, t.name))
-            except PlanInputError as exc:
-                results.append(exc)
+                got = (self.encoder.encode_batch(batch, add_special_tokens=False) if chat
+                       else self.encoder.encode_batch(batch))
+                out = [ids if isinstance(ids, list) else list(ids) for ids in got]
+            except Exception:  # noqa: BLE001 - one line's trouble (PlanInputError or the tokenizer's); find it below
+                pass
+            if out is None or len(out) != len(where):
+                out = [self._encode_one(texts[i]) for i in where]
+            for i, ids in zip(where, out):
+                results[i] = ids
         return results
+
+    def _encode_one(self, t: "_TextLine") -> Any:
+        try:
+            if t.chat:
+                try:
+                    return list(self.encoder.encode_batch([t.text], add_special_tokens=False)[0])
+                except PlanInputError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the tokenizer's own error
+                    raise PlanInputError(f"the tokenizer failed on '{t.name}': {exc}") from None
+            return self._encode_now(t.text, t.name)
+        except PlanInputError as exc:
+            return exc
 
     def finish(self) -> ReadResult:
         self._flush()
@@ -230,7 +256,7 @@ class Reader:
         else:
             rid, url, ids, max_new, sampling, name = self._native(obj)
         if isinstance(ids, _Text):  # tokenized later, in a batch
-            return _TextLine(ids.text, rid, url, max_new, sampling, name)
+            return _TextLine(ids.text, rid, url, max_new, sampling, name, isinstance(ids, _ChatText))
         if ("true" in text or "false" in text) and isinstance(ids, (list, tuple)) and any(isinstance(t, bool) for t in ids):
             raise PlanInputError(f"'{name}' contains true/false; token ids are integers")
         return self._request(number, rid, url, ids, max_new, sampling, name)
@@ -348,6 +374,13 @@ class Reader:
     def _encode(self, what: Any, name: str) -> list[int]:
         if self.encoder is None:
             raise PlanInputError(f"'{name}' needs a tokenizer; pass --tokenizer PATH (or give token ids)")
+        if name == "body.messages" and self._batching_chats:
+            try:
+                return _ChatText(self.encoder.render_chat(what))
+            except PlanInputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the template's own error
+                raise PlanInputError(f"the tokenizer failed on '{name}': {exc}") from None
         if name != "body.messages":
             if not isinstance(what, str):
                 raise PlanInputError(f"'{name}' must be a string, got {_kind(what)}")

@@ -17,7 +17,10 @@ BATCH_LINES = 256  # texts per tokenizer call: one Rust call instead of 256 Pyth
 
 class TextEncoder(Protocol):
     """`encode_batch(texts)` is optional: an encoder that has it gets the reader's text lines
-    BATCH_LINES at a time, and must return what `encode` would for each."""
+    BATCH_LINES at a time, and must return what `encode` would for each. An encoder that also
+    has `render_chat(messages)` (the chat as template text) gets its chats rendered line by line
+    and then tokenized in those batches with `encode_batch(texts, add_special_tokens=False)`,
+    which must return what `encode_chat` would."""
 
     def encode(self, text: str) -> Sequence[int]: ...
 
@@ -28,6 +31,8 @@ class HFEncoder:
     def __init__(self, path: str, *, lazy: bool = False) -> None:
         self.path = path
         self.tok = self._raw = None
+        # add_special_tokens -> whether the Rust batch call was seen to agree with `encode`
+        self._fast_agrees: dict[bool, bool] = {}
         if not lazy:
             self._load()
 
@@ -58,33 +63,51 @@ class HFEncoder:
             return self._raw.encode(text).ids
         return list(self.tok.encode(text))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """`[self.encode(t) for t in texts]` in one call. A fast (Rust) tokenizer encodes the batch
-        with `encode_batch_fast` (no offsets: what `tokenizer(texts)` does, less the offsets and the
-        BatchEncoding); the first text also goes through `encode`, which sets the Rust tokenizer
-        up the way transformers does (special-token splitting, no truncation or padding) and
-        checks the two paths agree, else this falls back to `tokenizer(texts)`."""
+    def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[int]]:
+        """`[self.encode(t) for t in texts]` in one call (with `add_special_tokens=False`: the ids
+        `encode_chat` gives for a rendered chat). A fast (Rust) tokenizer encodes the batch with
+        `encode_batch_fast` (no offsets: what `tokenizer(texts)` does, less the offsets and the
+        BatchEncoding). The first batch also sends its first two texts through transformers'
+        `encode`, which sets the Rust tokenizer up the way transformers does (special-token
+        splitting, no truncation or padding), and checks that the two paths agree; if they do
+        not, this falls back to `tokenizer(texts)`. The check is made once per setting, not per
+        batch: repeating it would tokenize two texts of every batch twice."""
         self._loaded()
         texts = list(texts)
         if not texts:
             return []
         if self._raw is not None:
-            return [e.ids for e in _fast_batch(self._raw)(texts, add_special_tokens=True)]
+            return [e.ids for e in _fast_batch(self._raw)(texts, add_special_tokens=add_special_tokens)]
         rust = getattr(self.tok, "_tokenizer", None)
         if getattr(self.tok, "is_fast", False) and rust is not None and hasattr(rust, "encode_batch"):
-            first = list(self.tok.encode(texts[0]))
-            out = [e.ids for e in _fast_batch(rust)(texts[1:], add_special_tokens=True)]
-            if not out or out[0] == list(self.tok.encode(texts[1])):
-                return [first, *out]
-        return [list(ids) for ids in self.tok(texts, add_special_tokens=True)["input_ids"]]
+            agrees = self._fast_agrees.get(add_special_tokens)
+            if agrees is None:
+                probe = texts[:2]
+                slow = [list(self.tok.encode(t, add_special_tokens=add_special_tokens)) for t in probe]
+                fast = [e.ids for e in _fast_batch(rust)(probe, add_special_tokens=add_special_tokens)]
+                agrees = self._fast_agrees[add_special_tokens] = slow == fast
+            if agrees:
+                return [e.ids for e in _fast_batch(rust)(texts, add_special_tokens=add_special_tokens)]
+        return [list(ids) for ids in self.tok(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def render_chat(self, messages: list[dict[str, Any]]) -> str:
+        """The chat as the template writes it, with the assistant's header: `encode_chat` is the
+        tokenizing of this text with no special tokens added (what transformers'
+        `apply_chat_template(tokenize=True)` does)."""
         self._loaded()
+        self._need_template()
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _need_template(self) -> None:
         if self.tok is None or not getattr(self.tok, "chat_template", None):
             raise PlanInputError(
                 f"the tokenizer at {self.path} has no chat template, so 'messages' cannot be tokenized;"
                 " use a chat model's tokenizer or give body.prompt"
             )
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        self._loaded()
+        self._need_template()
         out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         if hasattr(out, "keys") and "input_ids" in out:  # newer transformers return a BatchEncoding
             out = out["input_ids"]
