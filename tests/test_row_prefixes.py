@@ -21,27 +21,44 @@ class _Mode:
     def is_mixed(self):
         return self.name == "mixed"
 
+    def is_extend(self):
+        return self.name in ("extend", "mixed")
+
 
 def _req(node_id, n):
     node = None if node_id is None else SimpleNamespace(id=node_id)
-    return SimpleNamespace(last_node=node, prefix_indices=torch.zeros(n, dtype=torch.int64))
+    return SimpleNamespace(last_node=node, prefix_indices=torch.zeros(n, dtype=torch.int64),
+                           retraction_count=0)
 
 
-def test_rows_of_reads_each_requests_radix_node_and_prefix():
+def test_facts_are_the_admission_time_ones():
     reqs = [_req(5, 100), _req(5, 100), _req(None, 0), _req(8, 0), _req(9, 7)]
+    assert rows_of(reqs) == RowPrefixes((-1,) * 5, (0,) * 5)  # nothing captured yet
+    row_prefixes.capture(reqs)
     assert rows_of(reqs) == RowPrefixes((5, 5, -1, -1, 9), (100, 100, 0, 0, 7))
+    # after the prefill SGLang moves each request to its own node with its whole prompt
+    reqs[0].last_node, reqs[0].prefix_indices = SimpleNamespace(id=77), torch.zeros(130)
+    row_prefixes.capture(reqs)  # a later chunk or a mixed step: the facts stay
+    assert rows_of(reqs).keys[0] == 5
+    # a retracted request matches again when it comes back: new facts
+    reqs[0].retraction_count = 1
+    assert rows_of(reqs).keys[0] == -1
+    row_prefixes.capture(reqs)
+    assert rows_of(reqs) == RowPrefixes((77, 5, -1, -1, 9), (130, 100, 0, 0, 7))
 
 
-def test_the_patch_publishes_decode_and_mixed_steps_by_tensor_identity():
+def test_the_patch_captures_at_extend_and_publishes_decode_and_mixed_steps():
     row_prefixes.clear()
     reqs = [_req(3, 40), _req(3, 40)]
-    for mode, published in [("decode", True), ("mixed", True), ("extend", False)]:
+    extend = SimpleNamespace(forward_mode=_Mode("extend"), out_cache_loc=torch.arange(2))
+    forward_groups._after_init_new(extend, object, SimpleNamespace(reqs=reqs, forward_mode=_Mode("extend")), None)
+    assert row_prefixes.lookup(extend.out_cache_loc) is None  # prefill rows are not decode rows
+    for mode in ("decode", "mixed"):
         loc = torch.arange(2)
         batch = SimpleNamespace(reqs=reqs, forward_mode=_Mode(mode))
         result = SimpleNamespace(forward_mode=_Mode(mode), out_cache_loc=loc)
         assert forward_groups._after_init_new(result, object, batch, None) is result
-        found = row_prefixes.lookup(loc)
-        assert (found == RowPrefixes((3, 3), (40, 40))) if published else found is None
+        assert row_prefixes.lookup(loc) == RowPrefixes((3, 3), (40, 40))
         assert row_prefixes.lookup(torch.arange(2)) is None  # equal values, other tensor
 
 

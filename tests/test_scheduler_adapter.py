@@ -58,7 +58,9 @@ from sglang.srt.runtime_context import get_context, get_parallel, get_server_arg
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.speculative.spec_info import SpeculativeAlgorithm
 
+from sglang_batchllm.kernels.step_groups import NO_KEY
 from sglang_batchllm.planner.session import GroupState
+from sglang_batchllm.runtime import row_prefixes
 from sglang_batchllm.runtime import stats as stats_module
 from sglang_batchllm.runtime.pinned_cache import PinnedRadixCache
 from sglang_batchllm.runtime.scheduler import AdapterSettings, SchedulerAdapter
@@ -218,6 +220,8 @@ class MiniScheduler:
         self.prefill_steps = 0
         self.decode_steps = 0
         self.max_pinned = 0
+        self.shared_rows = 0  # decode rows that share a cached prefix with another (row facts)
+        self.decode_rows = 0
         self.on_step = None  # a callback(sched) run at the start of every step (arrivals, aborts)
         self.retract_at_decode: set[int] = set()  # decode steps (1-based) that retract
         self.retracted: list[str] = []
@@ -419,6 +423,7 @@ class MiniScheduler:
         return self._next_token
 
     def _run_prefill(self, batch: ScheduleBatch) -> None:
+        row_prefixes.capture(batch.reqs)  # as patches/forward_groups.py does at ForwardBatch.init_new
         self.extend_tokens += batch.extend_num_tokens
         for req, n in zip(batch.reqs, batch.extend_lens):
             self.extend_by_rid[req.rid] = self.extend_by_rid.get(req.rid, 0) + n
@@ -436,6 +441,7 @@ class MiniScheduler:
                 req.inflight_middle_chunks -= 1
 
     def _run_decode(self, batch: ScheduleBatch) -> None:
+        self._check_row_prefixes(batch)
         for req in batch.reqs:
             req.output_ids.append(self._token())
             req.update_finish_state()
@@ -450,6 +456,23 @@ class MiniScheduler:
         self.finished[req.rid] = self.finished.get(req.rid, 0) + 1
 
     # ---- checks ---------------------------------------------------------------------------
+    def _check_row_prefixes(self, batch: ScheduleBatch) -> None:
+        """What the attention backend relies on (kernels/step_groups.py): decode rows with one
+        radix key hold identical KV slots over that prefix, after SGLang's post-prefill
+        re-insertion moved every request to a node of its own."""
+        facts = row_prefixes.rows_of(batch.reqs)
+        slots_of_key = {}
+        for req, key, plen in zip(batch.reqs, facts.keys, facts.lens):
+            if key == NO_KEY:
+                continue
+            slots = self.req_to_token_pool.req_to_token[req.req_pool_idx, :plen].clone()
+            assert plen < req.seqlen, "a shared prefix leaves the row a token of its own"
+            if key in slots_of_key:
+                assert torch.equal(slots_of_key[key], slots), f"rows of node {key} hold other slots"
+            slots_of_key[key] = slots
+            self.shared_rows += 1
+        self.decode_rows += len(batch.reqs)
+
     def in_use_tokens(self) -> int:
         """KV slots the running requests hold outside the tree: their allocation (whole pages)
         past the part the tree owns (`cache_protected_len`, page-aligned)."""
@@ -533,6 +556,8 @@ def test_shuffled_groups_prefix_computed_once(page_size):
         assert sched.extend_by_rid[rids[0]] == 56
         assert all(sched.extend_by_rid[r] == 8 for r in rids[1:])
     assert sched.max_pinned > 0
+    # every member but the leader (which computed the prefix) decodes as a row sharing it
+    assert sched.shared_rows > 0.7 * sched.decode_rows
     sched.assert_drained()
 
 

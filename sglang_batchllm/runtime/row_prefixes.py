@@ -6,10 +6,14 @@ becomes a `ForwardBatch` (`patches/forward_groups.py`), its rows' facts are publ
 keyed by the step's `out_cache_loc` tensor, which both the eager batch and the replay view
 carry (the very same object). The backend looks them up while planning the step.
 
-A row's key is the id of the radix node its cached prefix ends at (`req.last_node`) and its
-length `len(req.prefix_indices)`; rows with one key hold the same KV slots for that prefix
-(kernels/step_groups.py says why). Requests retracted and re-admitted match again, so their
-facts are always those of their current KV.
+A row's key is the id of the radix node its cached prefix ended at when the request was
+admitted (`req.last_node` at its first extend) and that prefix's length; rows with one key
+hold the same KV slots for that prefix (kernels/step_groups.py says why). The facts are taken
+at the first extend and kept on the request (`capture`) because SGLang re-inserts every
+unfinished request into the tree after its prefill (`cache_unfinished_req`), which moves
+`last_node` to the request's own, unshared node. The admission-time node stays locked (an
+ancestor of the request's locked node) and its path, hence its slots, unchanged. A retracted
+request is matched again when it comes back, so its facts are taken again.
 """
 
 from __future__ import annotations
@@ -31,19 +35,36 @@ class RowPrefixes:
     lens: tuple[int, ...]
 
 
-def rows_of(reqs: Sequence[Any]) -> RowPrefixes:
-    keys, lens = [], []
+_ATTR = "_batchllm_row_prefix"  # (retraction_count, key, prefix_len) on a Req
+
+
+def capture(reqs: Sequence[Any]) -> None:
+    """Take the admission-time facts of requests in an extend batch that have none yet (or
+    whose facts predate a retraction). Call before the batch's results are processed."""
     for req in reqs:
+        retractions = getattr(req, "retraction_count", 0)
+        facts = getattr(req, _ATTR, None)
+        if facts is not None and facts[0] == retractions:
+            continue
         node = getattr(req, "last_node", None)
         prefix = getattr(req, "prefix_indices", None)
         n = 0 if prefix is None else len(prefix)
         node_id = getattr(node, "id", None)
-        if n == 0 or node_id is None:
+        key = NO_KEY if n == 0 or node_id is None else int(node_id)
+        setattr(req, _ATTR, (retractions, key, n if key != NO_KEY else 0))
+
+
+def rows_of(reqs: Sequence[Any]) -> RowPrefixes:
+    """The captured facts of each request, in row order (none captured: a plain row)."""
+    keys, lens = [], []
+    for req in reqs:
+        facts = getattr(req, _ATTR, None)
+        if facts is None or facts[0] != getattr(req, "retraction_count", 0):
             keys.append(NO_KEY)
             lens.append(0)
         else:
-            keys.append(int(node_id))
-            lens.append(n)
+            keys.append(facts[1])
+            lens.append(facts[2])
     return RowPrefixes(tuple(keys), tuple(lens))
 
 
