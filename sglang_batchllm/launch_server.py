@@ -2,7 +2,8 @@
 
 Starts SGLang's HTTP server with BatchLLM on. Every SGLang flag works as with
 `python -m sglang.launch_server`; `--help` lists SGLang's flags and ours. With no
-`--model-path` it serves the bundled model (dummy weights, no download). It also serves the
+`--model-path` it serves the bundled model (small trained weights shipped in the package, no
+download). It also serves the
 OpenAI Files and Batches API (`sglang_batchllm/batch_api/`, docs/batch-api.md).
 """
 
@@ -29,10 +30,7 @@ def with_default_model(argv: list[str]) -> list[str]:
     """Append the bundled model unless the user named a model (or a config file that may)."""
     if _given(argv, _MODEL_FLAGS + _HELP_FLAGS):
         return argv
-    extra = ["--model-path", bundled_model.model_dir()]
-    if not _given(argv, ("--load-format",)):
-        extra += ["--load-format", "dummy"]
-    return argv + extra
+    return argv + ["--model-path", bundled_model.model_dir()]
 
 
 def main(argv: list[str] | None = None) -> None:

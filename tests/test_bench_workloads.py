@@ -50,7 +50,7 @@ def test_bundled_token_range_skips_low_special_ids(small):
     assert small.token_range().lo == 5 and small.token_range().hi == small.vocab
 
 
-@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "sweep"])
 def test_same_seed_same_requests_other_seed_other_requests(small, name):
     a = [w.fingerprint() for w in build(small, name, scale=0.05)]
     b = [w.fingerprint() for w in build(small, name, scale=0.05)]
@@ -59,7 +59,7 @@ def test_same_seed_same_requests_other_seed_other_requests(small, name):
     assert all(x != y for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "sweep"])
 def test_token_ids_are_ordinary(small, name):
     tokens = small.token_range()
     for w in build(small, name, scale=0.05):
@@ -195,7 +195,7 @@ def test_jsonl_errors_name_the_line(tmp_path, small, line, message):
 
 
 def test_unknown_workload_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match="authors, w1, decode-heavy, sweep, control, two-level"):
+    with pytest.raises(ValueError, match="authors, w1, decode-heavy, short-prefix, sweep, control, two-level"):
         WorkloadSpec("author")
     with pytest.raises(ValueError, match="no such file"):
         WorkloadSpec("jsonl:/nonexistent.jsonl")

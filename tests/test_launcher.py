@@ -26,7 +26,7 @@ def test_help_lists_sglang_and_batchllm_flags_on_cpu():
 
 def test_bundled_model_is_the_default():
     argv = with_default_model(["--port", "30001"])
-    assert argv == ["--port", "30001", "--model-path", model_dir(), "--load-format", "dummy"]
+    assert argv == ["--port", "30001", "--model-path", model_dir()]  # its trained weights
 
 
 @pytest.mark.parametrize(
