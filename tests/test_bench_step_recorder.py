@@ -202,7 +202,8 @@ def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_pat
     monkeypatch.setattr(STATS, "active", False)
     Scheduler.run_batch(s, b)  # a vanilla scheduler: no BatchLLM fields
     for name, value in [("active", True), ("groups_live", 3), ("pinned_tokens", 6000), ("prefix_tokens_planned", 8000),
-                        ("prefix_tokens_computed", 6000), ("prefix_recomputations", 2)]:
+                        ("prefix_tokens_computed", 6000), ("prefix_recomputations", 2), ("decode_rows", 40),
+                        ("cascade_rows", 32), ("cascade_shared_rows", 30)]:
         monkeypatch.setattr(STATS, name, value)
     Scheduler.run_batch(s, b)
     monkeypatch.setattr(STATS, "snapshot", lambda: {"active": True})  # unreadable: the step is still recorded
@@ -212,7 +213,7 @@ def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_pat
     assert not set(BATCHLLM_STEP_FIELDS) & set(plain)
     assert {k: counted[k] for k in BATCHLLM_STEP_FIELDS} == {
         "groups_live": 3, "pinned_tokens": 6000, "prefix_tokens_planned": 8000, "prefix_tokens_computed": 6000,
-        "prefix_recomputations": 2}
+        "prefix_recomputations": 2, "decode_rows": 40, "cascade_rows": 32, "cascade_shared_rows": 30}
     assert unreadable["decode"] == 4 and "pinned_tokens" not in unreadable and writer.enabled
 
 
@@ -238,3 +239,17 @@ def test_batchllm_counters_summed_over_the_window(tmp_path):
     series = StepLog.read(path).window(1.5, 4.5).series(1.5)
     assert series["pinned_tokens"] == [3000, 9000, 0] and series["groups_live"] == [2, 4, 0]
     assert StepLog.read(path).window(0, 9).summary().batchllm_prefix_tokens_computed == 4000  # no step before: from 0
+
+
+def test_attention_row_counters_summed_over_the_window_when_recorded(tmp_path):
+    now = [0.0]
+    path = tmp_path / "steps.jsonl"
+    w = StepWriter(path, clock=lambda: now[0])
+    for t, rows, fused, shared in [(1, 10, 0, 0), (2, 300, 200, 150), (3, 700, 600, 560)]:
+        now[0] = t
+        w.write("step", mode="DECODE", reqs=1, prefill=0, decode=1, kv_used=10, kv_evictable=0, groups_live=1,
+                pinned_tokens=5, prefix_tokens_planned=1, prefix_tokens_computed=1, prefix_recomputations=0,
+                decode_rows=rows, cascade_rows=fused, cascade_shared_rows=shared)
+    w.flush()
+    s = StepLog.read(path).window(1.5, 3.5).summary()
+    assert (s.batchllm_decode_rows, s.batchllm_cascade_rows, s.batchllm_cascade_shared_rows) == (690, 600, 560)

@@ -40,6 +40,7 @@ from sglang.srt.runtime_context import get_context, get_parallel
 from sglang_batchllm.runtime import attention_backend as batchllm
 from sglang_batchllm.runtime import row_prefixes
 from sglang_batchllm.runtime.row_prefixes import RowPrefixes
+from sglang_batchllm.runtime.stats import STATS
 from sglang_batchllm.runtime.attention_backend import (
     BatchLLMAttnBackend,
     count_decode_rows,
@@ -485,9 +486,12 @@ def test_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_config):
     runner = _runner(published_config)
     step = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=21)
     ours = BatchLLMAttnBackend(runner)
+    before = (STATS.decode_rows, STATS.cascade_rows, STATS.cascade_shared_rows)
     out = _run(ours, step)
     plan = ours.cascade
     assert plan is not None and plan.num_groups == 2 and plan.num_requests == 6
+    after = (STATS.decode_rows, STATS.cascade_rows, STATS.cascade_shared_rows)
+    assert [a - b for a, b in zip(after, before)] == [6, 6, 5]  # one row has no shared prefix
     assert torch.isfinite(out).all()
     assert _rel_err(out, step.reference) < TOLERANCE
     parent = _run(TritonAttnBackend(runner), step)

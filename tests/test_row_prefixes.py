@@ -62,6 +62,20 @@ def test_the_patch_captures_at_extend_and_publishes_decode_and_mixed_steps():
         assert row_prefixes.lookup(torch.arange(2)) is None  # equal values, other tensor
 
 
+def test_a_leader_finds_its_groups_prefix_node_above_its_own():
+    prefix = SimpleNamespace(id=40, parent=SimpleNamespace(id=0, parent=None))
+    leader = _req(None, 0)
+    row_prefixes.capture([leader])  # admitted with nothing cached
+    leader.last_node = SimpleNamespace(id=41, parent=prefix)  # after its prompt was inserted
+    members = [_req(40, 96), _req(40, 96)]
+    row_prefixes.capture(members)
+    loner = _req(None, 0)
+    row_prefixes.capture([loner])
+    loner.last_node = SimpleNamespace(id=50, parent=SimpleNamespace(id=0, parent=None))
+    assert rows_of([members[0], leader, loner, members[1]]) == RowPrefixes((40, 40, -1, 40), (96, 96, 0, 96))
+    assert rows_of([leader]) == RowPrefixes((-1,), (0,))  # nobody else holds its ancestors
+
+
 def test_only_the_latest_steps_are_kept():
     row_prefixes.clear()
     tensors = [torch.zeros(1) for _ in range(10)]

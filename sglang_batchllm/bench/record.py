@@ -126,6 +126,9 @@ def batchllm_metrics(steps: dict) -> dict:
         "batchllm_prefix_tokens_computed": computed,
         "batchllm_prefix_computed_frac": computed / planned if planned else None,
         "batchllm_prefix_recomputations": steps.get("batchllm_prefix_recomputations"),
+        "batchllm_decode_rows": steps.get("batchllm_decode_rows"),
+        "batchllm_cascade_rows": steps.get("batchllm_cascade_rows"),
+        "batchllm_cascade_shared_rows": steps.get("batchllm_cascade_shared_rows"),
         "peak_pinned_tokens": steps.get("peak_pinned_tokens"),
         "peak_groups_live": steps.get("peak_groups_live"),
     }

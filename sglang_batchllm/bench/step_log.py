@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .step_recorder import BATCHLLM_COUNTERS, BATCHLLM_GAUGES, BATCHLLM_STEP_FIELDS
+from .step_recorder import ATTENTION_COUNTERS, BATCHLLM_COUNTERS, BATCHLLM_GAUGES, BATCHLLM_STEP_FIELDS
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,9 @@ class StepSummary:
     batchllm_prefix_tokens_planned: int | None = None
     batchllm_prefix_tokens_computed: int | None = None
     batchllm_prefix_recomputations: int | None = None
+    batchllm_decode_rows: int | None = None
+    batchllm_cascade_rows: int | None = None
+    batchllm_cascade_shared_rows: int | None = None
     peak_pinned_tokens: int | None = None
     peak_groups_live: int | None = None
 
@@ -97,7 +100,9 @@ class StepLog:
         if not carrying:
             return {}
         last = carrying[-1]
-        deltas = {f"batchllm_{k}": last[k] - self.before.get(k, 0) for k in BATCHLLM_COUNTERS}
+        # counters an older recorder did not write stay None
+        deltas = {f"batchllm_{k}": last[k] - self.before.get(k, 0) if k in last else None
+                  for k in BATCHLLM_COUNTERS}
         return {
             **deltas,
             "peak_pinned_tokens": max(x["pinned_tokens"] for x in carrying),
@@ -122,7 +127,9 @@ class StepLog:
 
 
 def _has_batchllm_fields(step: dict) -> bool:
-    return all(k in step for k in BATCHLLM_STEP_FIELDS)
+    """A step of a BatchLLM run: its scheduler gauges and prefix counters are there (the
+    attention backend's row counters came later and may be missing from older logs)."""
+    return all(k in step for k in BATCHLLM_STEP_FIELDS if k not in ATTENTION_COUNTERS)
 
 
 def parse_lines(text: str) -> list[dict]:

@@ -122,7 +122,10 @@ def step_fields(scheduler: Any, batch: Any) -> dict:
 # of the groups opened), prefix_tokens_computed (what the group leaders prefilled of them),
 # prefix_recomputations (a member prefilled part of its group's prefix again).
 BATCHLLM_GAUGES = ("groups_live", "pinned_tokens")
-BATCHLLM_COUNTERS = ("prefix_tokens_planned", "prefix_tokens_computed", "prefix_recomputations")
+# decode_rows / cascade_rows / cascade_shared_rows: decode rows the batchllm attention backend
+# planned, ran on the fused kernel, and of those read a prefix shared with other rows.
+ATTENTION_COUNTERS = ("decode_rows", "cascade_rows", "cascade_shared_rows")
+BATCHLLM_COUNTERS = ("prefix_tokens_planned", "prefix_tokens_computed", "prefix_recomputations") + ATTENTION_COUNTERS
 BATCHLLM_STEP_FIELDS = BATCHLLM_GAUGES + BATCHLLM_COUNTERS
 
 

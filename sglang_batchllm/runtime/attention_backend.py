@@ -63,6 +63,7 @@ from sglang_batchllm.kernels.cascade_plan import CascadeWorkspace, default_launc
 from sglang_batchllm.kernels.step_groups import NO_KEY, StepGroups, cascade_pays, group_rows
 
 from . import row_prefixes
+from .stats import STATS
 
 logger = logging.getLogger(__name__)
 
@@ -271,8 +272,10 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         seq = [int(x) for x in seq_lens[:bs].tolist()]
         keys, lens = _row_facts(forward_batch, 0, bs)
         groups = group_rows(keys, lens, seq)
+        STATS.decode_rows += bs
         if not always and not cascade_pays(groups, seq):
             return None
+        _count_cascade(groups)
         return self._build_cascade(groups, seq, forward_batch.req_pool_indices[:bs],
                                    workspace=workspace, slot_base=slot_base)
 
@@ -347,7 +350,9 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             seq = [int(p) + 1 for p in forward_batch.extend_prefix_lens_cpu[first_row:batch_size]]
             keys, lens = _row_facts(forward_batch, first_row, batch_size)
             groups = group_rows(keys, lens, seq)
+            STATS.decode_rows += num_rows
             if cascade_pays(groups, seq):
+                _count_cascade(groups)
                 plan = self._build_cascade(
                     groups, seq, forward_batch.req_pool_indices[first_row:batch_size]
                 )
@@ -548,6 +553,11 @@ def _row_facts(forward_batch, first: int, end: int) -> tuple[list[int], list[int
     lens = list(facts.lens[first:end])
     pad = n - len(keys)
     return keys + [NO_KEY] * pad, lens + [0] * pad
+
+
+def _count_cascade(groups: StepGroups) -> None:
+    STATS.cascade_rows += len(groups.request_group)
+    STATS.cascade_shared_rows += sum(1 for g in groups.request_group if g >= 0)
 
 
 def _cumsum(values: list[int]) -> list[int]:

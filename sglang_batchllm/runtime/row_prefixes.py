@@ -54,17 +54,42 @@ def capture(reqs: Sequence[Any]) -> None:
         setattr(req, _ATTR, (retractions, key, n if key != NO_KEY else 0))
 
 
+# How far up its radix path a row without admission-time facts looks for a node other rows
+# share: a group leader's own node hangs below the prefix node its members matched.
+MAX_ANCESTORS = 8
+
+
 def rows_of(reqs: Sequence[Any]) -> RowPrefixes:
-    """The captured facts of each request, in row order (none captured: a plain row)."""
-    keys, lens = [], []
-    for req in reqs:
+    """The captured facts of each request, in row order.
+
+    A row without a shared prefix at admission (a group leader computed its prefix itself)
+    may still hold one now: once its prompt was re-inserted into the tree, a member matching
+    the prefix split the leader's node, so the prefix node is an ancestor of the leader's own.
+    Such a row takes the key of the nearest ancestor that another row of the step holds: its
+    slots over that node's path are the node's slots, like the other row's.
+    """
+    keys, lens, pending = [], [], []
+    for row, req in enumerate(reqs):
         facts = getattr(req, _ATTR, None)
-        if facts is None or facts[0] != getattr(req, "retraction_count", 0):
+        if facts is None or facts[0] != getattr(req, "retraction_count", 0) or facts[1] == NO_KEY:
             keys.append(NO_KEY)
             lens.append(0)
+            pending.append(row)
         else:
             keys.append(facts[1])
             lens.append(facts[2])
+    if pending and len(pending) < len(reqs):
+        known = {k: n for k, n in zip(keys, lens) if k != NO_KEY}
+        for row in pending:
+            node = getattr(reqs[row], "last_node", None)
+            for _ in range(MAX_ANCESTORS):
+                node_id = getattr(node, "id", None)
+                if node_id is None:
+                    break
+                if node_id in known:
+                    keys[row], lens[row] = node_id, known[node_id]
+                    break
+                node = getattr(node, "parent", None)
     return RowPrefixes(tuple(keys), tuple(lens))
 
 
