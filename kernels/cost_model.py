@@ -40,6 +40,9 @@ MIN_SAVED_KV_FRACTION_DECODE = 0.05
 MIN_SAVED_KV_FRACTION_EXTEND = 0.0
 # a group needs two members to share anything
 MIN_GROUP_SIZE = 2
+# The extend sweep measured up to this many new tokens per request; a step with a longer
+# request keeps SGLang's extend kernel until longer chunks are measured.
+EXTEND_MAX_MEASURED_NEW_TOKENS = 256
 
 
 def saved_kv_fraction(group_size: int, prefix_len: int, member_suffix_tokens: int) -> float:

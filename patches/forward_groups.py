@@ -3,8 +3,8 @@
 Target (SGLang 0.5.17): `ForwardBatch.init_new`, AFTER: the batch's requests are at hand
 there, in row order (a MIXED batch lists its prefill requests, then the running ones, as its
 rows are laid out), before the step's results re-insert them into the radix tree. An extend
-batch's new requests get their admission-time radix node and prefix length recorded; a
-decode or mixed step's rows are published for the backend (`runtime/row_prefixes.py`).
+batch's new requests get their admission-time radix node and prefix length recorded; every
+decode, extend or mixed step's rows are published for the backend (`runtime/row_prefixes.py`).
 
 Why no official seam serves: SGLang's attention-backend interface receives a `ForwardBatch`
 (or, under CUDA-graph replay, a view of the graph's buffers) with no per-request cache facts,
@@ -32,7 +32,7 @@ def _after_init_new(result, *args, **kwargs):
         return result
     if mode.is_extend():  # EXTEND and MIXED: the new requests' admission-time prefixes
         row_prefixes.capture(reqs)
-    if mode.is_decode() or mode.is_mixed():
+    if mode.is_decode() or mode.is_extend():
         row_prefixes.publish(result.out_cache_loc, row_prefixes.rows_of(reqs))
     return result
 

@@ -203,7 +203,8 @@ def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_pat
     Scheduler.run_batch(s, b)  # a vanilla scheduler: no BatchLLM fields
     for name, value in [("active", True), ("groups_live", 3), ("pinned_tokens", 6000), ("prefix_tokens_planned", 8000),
                         ("prefix_tokens_computed", 6000), ("prefix_recomputations", 2), ("decode_rows", 40),
-                        ("cascade_rows", 32), ("cascade_shared_rows", 30)]:
+                        ("cascade_rows", 32), ("cascade_shared_rows", 30), ("extend_rows", 7),
+                        ("extend_shared_rows", 6)]:
         monkeypatch.setattr(STATS, name, value)
     Scheduler.run_batch(s, b)
     monkeypatch.setattr(STATS, "snapshot", lambda: {"active": True})  # unreadable: the step is still recorded
@@ -213,7 +214,8 @@ def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_pat
     assert not set(BATCHLLM_STEP_FIELDS) & set(plain)
     assert {k: counted[k] for k in BATCHLLM_STEP_FIELDS} == {
         "groups_live": 3, "pinned_tokens": 6000, "prefix_tokens_planned": 8000, "prefix_tokens_computed": 6000,
-        "prefix_recomputations": 2, "decode_rows": 40, "cascade_rows": 32, "cascade_shared_rows": 30}
+        "prefix_recomputations": 2, "decode_rows": 40, "cascade_rows": 32, "cascade_shared_rows": 30,
+        "extend_rows": 7, "extend_shared_rows": 6}
     assert unreadable["decode"] == 4 and "pinned_tokens" not in unreadable and writer.enabled
 
 

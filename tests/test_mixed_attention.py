@@ -518,6 +518,53 @@ def test_mixed_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_con
     assert torch.equal(out[:42], parent[:42])  # prefill rows: the parent's kernel, bit for bit
 
 
+_PREFILL_ROWS = [(0, 20, 12), (0, 9, 9), (1, 30, 5), (None, 25, 25), (0, 3, 3)]
+
+
+@needs_kernels
+def test_prefill_rows_sharing_a_cached_prefix_run_the_fused_extend_path(published_config):
+    runner = _runner(published_config)
+    step = _make_shared_step(runner, _PREFILL_ROWS, prefixes=_PREFIXES, mode=ForwardMode.EXTEND, seed=25)
+    ours = BatchLLMAttnBackend(runner)
+    before = (STATS.extend_rows, STATS.extend_shared_rows)
+    out = _run(ours, step)
+    plan = ours.cascade_extend
+    assert plan is not None and plan.mode == "extend" and plan.num_groups == 1  # prefix 1: one row
+    assert (STATS.extend_rows - before[0], STATS.extend_shared_rows - before[1]) == (5, 3)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, step.reference) < TOLERANCE
+    assert _rel_err(out, _run(TritonAttnBackend(runner), step).float().cpu()) < TOLERANCE
+
+
+@needs_kernels
+def test_mixed_step_with_both_fused_paths(published_config):
+    runner = _runner(published_config, max_reqs=16)
+    rows = _PREFILL_ROWS + _DECODE_ROWS
+    step = _make_shared_step(runner, rows, prefixes=_PREFIXES, mode=ForwardMode.MIXED, seed=26)
+    ours = BatchLLMAttnBackend(runner)
+    out = _run(ours, step)
+    assert ours.cascade_extend is not None and ours.cascade_extend.num_requests == len(_PREFILL_ROWS)
+    assert ours.decode_rows.cascade is not None and ours.decode_rows.num_rows == len(_DECODE_ROWS)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, step.reference) < TOLERANCE
+
+
+@needs_kernels
+def test_unshared_or_long_prefill_stays_on_sglangs_extend_kernel(published_config):
+    runner = _runner(published_config, context_len=512)
+    ours = BatchLLMAttnBackend(runner)
+    # nothing shared: bit for bit the parent's
+    alone = _make_shared_step(runner, [(None, 20, 12), (None, 9, 9)], prefixes={},
+                              mode=ForwardMode.EXTEND, seed=27)
+    assert torch.equal(_run(ours, alone), _run(TritonAttnBackend(runner), alone))
+    assert ours.cascade_extend is None
+    # shared, but one request brings more new tokens than the extend sweep measured
+    long = _make_shared_step(runner, [(0, 20, 12), (0, 300, 300)], prefixes={0: 40},
+                             mode=ForwardMode.EXTEND, seed=28)
+    assert torch.equal(_run(ours, long), _run(TritonAttnBackend(runner), long))
+    assert ours.cascade_extend is None
+
+
 @needs_kernels
 def test_decode_graph_path_replays_any_step_at_fixed_addresses(published_config):
     """What a captured decode graph relies on: the capture-time plan and every replay-time plan

@@ -52,7 +52,10 @@ def test_the_patch_captures_at_extend_and_publishes_decode_and_mixed_steps():
     reqs = [_req(3, 40), _req(3, 40)]
     extend = SimpleNamespace(forward_mode=_Mode("extend"), out_cache_loc=torch.arange(2))
     forward_groups._after_init_new(extend, object, SimpleNamespace(reqs=reqs, forward_mode=_Mode("extend")), None)
-    assert row_prefixes.lookup(extend.out_cache_loc) is None  # prefill rows are not decode rows
+    assert row_prefixes.lookup(extend.out_cache_loc) == RowPrefixes((3, 3), (40, 40))
+    idle = SimpleNamespace(forward_mode=_Mode("idle"), out_cache_loc=torch.arange(2))
+    forward_groups._after_init_new(idle, object, SimpleNamespace(reqs=reqs, forward_mode=_Mode("idle")), None)
+    assert row_prefixes.lookup(idle.out_cache_loc) is None
     for mode in ("decode", "mixed"):
         loc = torch.arange(2)
         batch = SimpleNamespace(reqs=reqs, forward_mode=_Mode(mode))

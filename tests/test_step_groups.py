@@ -31,6 +31,13 @@ def test_a_row_whose_prefix_is_its_whole_context_runs_alone():
     assert groups.request_group == [-1, 0, 0]
 
 
+def test_a_prefill_step_that_shares_nothing_stays_on_sglangs_kernel():
+    alone = group_rows([NO_KEY, NO_KEY], [0, 0], [50, 60], mode="extend")
+    assert not cascade_pays(alone, [50, 60], mode="extend")
+    shared = group_rows([4, 4], [40, 40], [50, 60], mode="extend")
+    assert cascade_pays(shared, [50, 60], mode="extend")
+
+
 def test_inconsistent_rows_are_refused():
     with pytest.raises(ValueError, match="one radix node has one path length"):
         group_rows([1, 1], [10, 12], [20, 20])

@@ -90,7 +90,8 @@ class FakeEngine:
             return {}
         return {"groups_live": len(groups), "pinned_tokens": sum(groups), "prefix_tokens_planned": self.prefix_tokens,
                 "prefix_tokens_computed": self.prefix_tokens, "prefix_recomputations": 0,
-                "decode_rows": 0, "cascade_rows": 0, "cascade_shared_rows": 0}
+                "decode_rows": 0, "cascade_rows": 0, "cascade_shared_rows": 0, "extend_rows": 0,
+                "extend_shared_rows": 0}
 
     def get_server_info(self) -> dict:
         return {POOL_SIZE_KEY: self.kv_total}

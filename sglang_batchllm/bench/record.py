@@ -129,6 +129,8 @@ def batchllm_metrics(steps: dict) -> dict:
         "batchllm_decode_rows": steps.get("batchllm_decode_rows"),
         "batchllm_cascade_rows": steps.get("batchllm_cascade_rows"),
         "batchllm_cascade_shared_rows": steps.get("batchllm_cascade_shared_rows"),
+        "batchllm_extend_rows": steps.get("batchllm_extend_rows"),
+        "batchllm_extend_shared_rows": steps.get("batchllm_extend_shared_rows"),
         "peak_pinned_tokens": steps.get("peak_pinned_tokens"),
         "peak_groups_live": steps.get("peak_groups_live"),
     }

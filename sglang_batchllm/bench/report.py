@@ -153,6 +153,9 @@ _ROWS = [
     ("decode rows on the fused kernel / sharing a prefix (of all)",
      lambda r: "-" if r.get("batchllm_decode_rows") is None else
      f"{_i(r['batchllm_cascade_rows'])} / {_i(r['batchllm_cascade_shared_rows'])} (of {_i(r['batchllm_decode_rows'])})"),
+    ("prefill rows on the fused kernel / sharing a prefix",
+     lambda r: "-" if r.get("batchllm_extend_rows") is None else
+     f"{_i(r['batchllm_extend_rows'])} / {_i(r['batchllm_extend_shared_rows'])}"),
     ("BatchLLM peak pinned tokens / groups live", lambda r: _pair(r["peak_pinned_tokens"], r["peak_groups_live"])),
     ("steps, mean / max tokens per step", lambda r: f"{_i(r['steps'])}, {_f(r['mean_tokens_per_step'], 0)} / {_i(r['max_step_tokens'])}"
      + ("" if r.get("complete_step_log", True) else " (step log cut short)")),

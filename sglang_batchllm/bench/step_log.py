@@ -30,6 +30,8 @@ class StepSummary:
     batchllm_decode_rows: int | None = None
     batchllm_cascade_rows: int | None = None
     batchllm_cascade_shared_rows: int | None = None
+    batchllm_extend_rows: int | None = None
+    batchllm_extend_shared_rows: int | None = None
     peak_pinned_tokens: int | None = None
     peak_groups_live: int | None = None
 

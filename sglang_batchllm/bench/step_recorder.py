@@ -123,8 +123,9 @@ def step_fields(scheduler: Any, batch: Any) -> dict:
 # prefix_recomputations (a member prefilled part of its group's prefix again).
 BATCHLLM_GAUGES = ("groups_live", "pinned_tokens")
 # decode_rows / cascade_rows / cascade_shared_rows: decode rows the batchllm attention backend
-# planned, ran on the fused kernel, and of those read a prefix shared with other rows.
-ATTENTION_COUNTERS = ("decode_rows", "cascade_rows", "cascade_shared_rows")
+# planned, ran on the fused kernel, and of those read a prefix shared with other rows;
+# extend_rows / extend_shared_rows: prefill rows on the fused kernel, and of those sharing.
+ATTENTION_COUNTERS = ("decode_rows", "cascade_rows", "cascade_shared_rows", "extend_rows", "extend_shared_rows")
 BATCHLLM_COUNTERS = ("prefix_tokens_planned", "prefix_tokens_computed", "prefix_recomputations") + ATTENTION_COUNTERS
 BATCHLLM_STEP_FIELDS = BATCHLLM_GAUGES + BATCHLLM_COUNTERS
 

@@ -58,7 +58,10 @@ from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_t
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from sglang_batchllm.kernels import CascadePlan, build_decode_plan
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sglang_batchllm.kernels import CascadePlan, build_decode_plan, build_extend_plan
+from sglang_batchllm.kernels.cost_model import EXTEND_MAX_MEASURED_NEW_TOKENS
 from sglang_batchllm.kernels.cascade_plan import CascadeWorkspace, default_launch_config
 from sglang_batchllm.kernels.step_groups import NO_KEY, StepGroups, cascade_pays, group_rows
 
@@ -201,6 +204,14 @@ class BatchLLMAttnBackend(TritonAttnBackend):
                 "cascade kernel (%s)", self.cascade_fallback_reason,
             )
         self.cascade: Optional[CascadePlan] = None  # this DECODE step's plan
+        # this EXTEND step's (or MIXED step's prefill rows') fused plan; off for models whose
+        # prefill attention is not causal self-attention
+        self.cascade_extend: Optional[CascadePlan] = None
+        self.cascade_extend_on = (
+            self.cascade_fallback_reason is None
+            and bool(getattr(model_runner.model_config, "is_generation", True))
+            and not getattr(self, "allow_bidirectional_attention_in_extend", False)
+        )
         self._cascade_workspace: Optional[CascadeWorkspace] = None  # CUDA-graph decode
 
     # -- plan (once per step) ------------------------------------------------------------------
@@ -208,15 +219,21 @@ class BatchLLMAttnBackend(TritonAttnBackend):
     def init_forward_metadata(self, forward_batch):
         self.decode_rows = None
         self.cascade = None
+        self.cascade_extend = None
         if self._cascade_on(forward_batch):
             self.cascade = self._plan_cascade_decode(forward_batch)
             if self.cascade is not None:
                 return  # the parent's decode metadata would go unused
         num_decode = self._num_decode_rows(forward_batch)
-        if num_decode == 0:
-            return super().init_forward_metadata(forward_batch)
         num_prefill = forward_batch.batch_size - num_decode
-        super().init_forward_metadata(_leading_rows(forward_batch, num_prefill))
+        if self._extend_on(forward_batch):
+            self.cascade_extend = self._plan_cascade_extend(forward_batch, num_prefill)
+        if num_decode == 0:
+            if self.cascade_extend is not None:
+                return  # the whole step runs the fused kernel
+            return super().init_forward_metadata(forward_batch)
+        if self.cascade_extend is None:
+            super().init_forward_metadata(_leading_rows(forward_batch, num_prefill))
         self.decode_rows = self._plan_decode_rows(forward_batch, num_prefill)
 
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, kv_indices_buf=None,
@@ -231,6 +248,42 @@ class BatchLLMAttnBackend(TritonAttnBackend):
                 max_tokens=max_num_tokens, num_q_heads=self.num_head, head_dim=self.head_dim,
                 device=self.device, config=default_launch_config("decode", hpk, 64),
             )
+
+    def _extend_on(self, forward_batch) -> bool:
+        mode = forward_batch.forward_mode
+        return (
+            self.cascade_extend_on
+            and (mode == ForwardMode.EXTEND or mode.is_mixed())
+            and getattr(forward_batch, "spec_info", None) is None
+            and getattr(forward_batch, "encoder_lens", None) is None
+            and forward_batch.extend_seq_lens_cpu is not None
+            and forward_batch.extend_prefix_lens_cpu is not None
+            and len(forward_batch.extend_seq_lens_cpu) == forward_batch.batch_size
+        )
+
+    def _plan_cascade_extend(self, forward_batch, num_rows: int) -> Optional[CascadePlan]:
+        """The fused extend plan of rows [0, num_rows), or None when the cost rule keeps
+        SGLang's extend kernel: requests with more new tokens than the extend sweep measured,
+        or a step whose sharing saves too little."""
+        if num_rows == 0:
+            return None
+        new = [int(x) for x in forward_batch.extend_seq_lens_cpu[:num_rows]]
+        cached = [int(x) for x in forward_batch.extend_prefix_lens_cpu[:num_rows]]
+        if max(new) > EXTEND_MAX_MEASURED_NEW_TOKENS:
+            return None
+        seq = [c + n for c, n in zip(cached, new)]
+        keys, lens = _row_facts(forward_batch, 0, num_rows)
+        for row, (plen, c) in enumerate(zip(lens, cached)):
+            if plen > c:  # the shared prefix must be cached already: never the case, be sure
+                keys[row], lens[row] = NO_KEY, 0
+        groups = group_rows(keys, lens, seq, mode="extend")
+        if not cascade_pays(groups, seq, mode="extend"):
+            return None
+        STATS.extend_rows += num_rows
+        STATS.extend_shared_rows += sum(1 for g in groups.request_group if g >= 0)
+        return self._build_cascade(
+            groups, seq, forward_batch.req_pool_indices[:num_rows], qo_indptr=_cumsum(new)
+        )
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         """Decode graphs run the fused kernel: at capture over a plan of the capture batch, at
@@ -280,7 +333,8 @@ class BatchLLMAttnBackend(TritonAttnBackend):
                                    workspace=workspace, slot_base=slot_base)
 
     def _build_cascade(self, groups: StepGroups, seq: list[int], pool_indices: torch.Tensor,
-                       *, workspace=None, slot_base=None) -> CascadePlan:
+                       *, qo_indptr: Optional[list[int]] = None, workspace=None,
+                       slot_base=None) -> CascadePlan:
         """Slots from `req_to_token` on the device (one launch for the groups' prefixes, one
         for every row's own part), lengths from the host, then the plan."""
         num_rows, num_groups = len(seq), groups.num_groups
@@ -319,7 +373,7 @@ class BatchLLMAttnBackend(TritonAttnBackend):
                 self.req_to_token, pool_indices, s_len, s_indptr, s_start, slots[num_prefix:],
                 stride,
             )
-        return build_decode_plan(
+        kwargs = dict(
             prefix_kv_indptr=prefix_indptr,
             prefix_kv_indices=slots[:num_prefix],
             suffix_kv_indptr=suffix_indptr,
@@ -331,6 +385,9 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             workspace=workspace,
             slot_base=slot_base,
         )
+        if qo_indptr is None:
+            return build_decode_plan(**kwargs)
+        return build_extend_plan(qo_indptr=qo_indptr, **kwargs)
 
     def _num_decode_rows(self, forward_batch) -> int:
         if self.mixed_fallback_reason is not None or not forward_batch.forward_mode.is_mixed():
@@ -421,12 +478,28 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         aux_tensors=None,
     ):
         rows = self.decode_rows
-        # The parent writes every new token's KV (decode rows' too) and runs the extend kernel
-        # over the prefill rows of its metadata; decode rows of `o` are left for us.
-        o = super().forward_extend(
-            q, k, v, layer, forward_batch, save_kv_cache,
-            sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
-        )
+        extend = self.cascade_extend
+        if extend is not None:
+            # The fused kernel serves the prefill rows; every new token's KV (decode rows'
+            # too) is written first, as the parent does.
+            _check_cascade_layer(layer, sinks, score_mod)
+            q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+            o = getattr(forward_batch, "_attn_output", None)
+            if o is None:
+                o = torch.empty_like(q)
+            if save_kv_cache and k is not None and v is not None:
+                self._set_kv_buffer(
+                    forward_batch, layer, forward_batch.out_cache_loc, k, v,
+                    layer.k_scale, layer.v_scale,
+                )
+            self._run_cascade(extend, q, o, layer, 0, extend.num_tokens)
+        else:
+            # The parent writes every new token's KV (decode rows' too) and runs the extend
+            # kernel over the prefill rows of its metadata; decode rows of `o` are left for us.
+            o = super().forward_extend(
+                q, k, v, layer, forward_batch, save_kv_cache,
+                sinks=sinks, score_mod=score_mod, aux_tensors=aux_tensors,
+            )
         if rows is None:
             return o
         start, end = rows.first_token, rows.first_token + rows.num_rows
@@ -535,6 +608,11 @@ def _check_cascade_layer(layer, sinks, score_mod) -> None:
         unsupported.append("xai temperature")
     if layer.qk_head_dim != layer.v_head_dim:
         unsupported.append("different key and value head dims")
+    if getattr(layer, "is_cross_attention", False):
+        unsupported.append("cross attention")
+    attn_type = getattr(layer, "attn_type", None)
+    if attn_type is not None and attn_type.name != "DECODER":
+        unsupported.append(f"{attn_type.name.lower()} attention (not causal)")
     if unsupported:
         raise RuntimeError(
             f"batchllm attention: layer {layer.layer_id} uses {', '.join(unsupported)}, which "

@@ -28,6 +28,8 @@ class SchedulerStats:
     decode_rows: int = 0  # decode rows it planned (decode steps and mixed steps' decode rows)
     cascade_rows: int = 0  # of those, rows the fused cascade kernel ran
     cascade_shared_rows: int = 0  # of those, rows that read a prefix shared with other rows
+    extend_rows: int = 0  # prefill rows the fused kernel ran (EXTEND steps, MIXED prefill rows)
+    extend_shared_rows: int = 0  # of those, rows that read a prefix shared with other rows
 
     def snapshot(self) -> dict[str, int | bool]:
         return asdict(self)
