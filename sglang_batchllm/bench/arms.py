@@ -21,6 +21,7 @@ class Arm:
     engine: str  # "vanilla" | "batchllm": the engine class, its keywords and environment
     driver: str  # drivers.DRIVERS key
     description: str
+    attention_backend: str | None = None  # fixed for this arm; None: --vanilla/--batchllm-backend
 
     @property
     def plugin_active(self) -> bool:
@@ -33,12 +34,15 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("vanilla", "vanilla", "one-call", "sglang.Engine, the whole workload in one generate call"),
     Arm("vanilla-waves", "vanilla", "waves",
         "sglang.Engine driven by hand: per wave of W prefix groups, one call with a leader per group, then one with the rest"),
+    Arm("batchllm-triton", "batchllm", "one-call",
+        "sglang_batchllm.Engine on SGLang's Triton attention: BatchLLM's scheduling alone", "triton"),
     Arm("batchllm", "batchllm", "one-call", "sglang_batchllm.Engine, the whole workload in one generate call"),
     Arm("vanilla-again", "vanilla", "one-call", "vanilla a second time: an A/A run that measures the noise"),
 )}
 DEFAULT_ARMS = ("vanilla", "vanilla-waves", "batchllm")
 REFERENCE = "vanilla"  # the outputs every arm is compared with
-BASELINES = ("vanilla", "vanilla-waves")  # the arms every later arm gets a ratio to
+# the arms every later arm gets a ratio to (batchllm-triton: what the attention backend adds)
+BASELINES = ("vanilla", "vanilla-waves", "batchllm-triton")
 
 
 def parse_arms(text: str) -> tuple[str, ...]:

@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "arms run earlier into the same --out with the same settings join the report; "
                         "vanilla-again gives an A/A run that measures noise")
     p.add_argument("--vanilla-backend", default="triton", choices=VANILLA_BACKENDS, help="vanilla arms' attention backend")
-    p.add_argument("--batchllm-backend", default="batchllm", help="BatchLLM arm's attention backend (default: BatchLLM's own: the fused cascade kernel for decode rows that share a cached prefix, SGLang's Triton kernels for the rest; 'triton' gives BatchLLM's scheduling alone)")
+    p.add_argument("--batchllm-backend", default="batchllm", help="BatchLLM arm's attention backend (default: BatchLLM's own: the fused cascade kernel for decode rows that share a cached prefix, SGLang's Triton kernels for the rest; 'triton' gives BatchLLM's scheduling alone, as the batchllm-triton arm does)")
     p.add_argument("--engine-arg", action="append", default=[], type=_key_value, metavar="KEY=VALUE",
                    help="extra sglang.Engine keyword for every arm's engine (value parsed as JSON if it can be)")
     p.add_argument("--batchllm", action="append", default=[], type=_key_value, metavar="FIELD=VALUE",
@@ -168,11 +168,13 @@ def backend_installed(name: str) -> bool:
     return True
 
 
-def engine_kwargs(args: argparse.Namespace, model_dir: str, engine: str) -> dict:
+def engine_kwargs(args: argparse.Namespace, model_dir: str, engine: str, backend: str | None = None) -> dict:
+    """An arm's engine keywords; `backend` is the arm's own attention backend, if it has one."""
     kwargs = {**BASE_ENGINE_KWARGS, "model_path": model_dir, **dict(args.engine_arg)}
     if engine == "vanilla":
-        return {**kwargs, "attention_backend": args.vanilla_backend}
-    return {**kwargs, "attention_backend": args.batchllm_backend, **{f"batchllm_{k}": v for k, v in args.batchllm}}
+        return {**kwargs, "attention_backend": backend or args.vanilla_backend}
+    return {**kwargs, "attention_backend": backend or args.batchllm_backend,
+            **{f"batchllm_{k}": v for k, v in args.batchllm}}
 
 
 def fake_engine_kwargs(engine: str, kwargs: dict) -> dict:
@@ -329,7 +331,7 @@ def _facts(w: Workload, no_plan: bool) -> tuple[Workload, Any, dict | None]:
 def _arm_spec(args: argparse.Namespace, arm: str, workloads: Sequence[Workload], specs: Sequence[WorkloadSpec],
               model_dir: str, out: Path) -> RunSpec:
     engine = ARMS[arm].engine
-    kwargs = engine_kwargs(args, model_dir, engine)
+    kwargs = engine_kwargs(args, model_dir, engine, ARMS[arm].attention_backend)
     if args.fake_engine:
         engine, kwargs = "fake", fake_engine_kwargs(engine, kwargs)
     progress = "off" if args.no_progress else ("tty" if sys.stderr.isatty() else "lines")

@@ -196,18 +196,20 @@ def _workload_section(w: dict, arms: list[str], pngs: list[Path]) -> list[str]:
 def summary_text(record: dict) -> str:
     """The summary table for the terminal."""
     bases = _baselines(record["arms"])
-    vs = "".join(f"{'vs ' + b:>18}" for b in bases)
-    lines = [f"{'workload':<24} {'arm':<14} {'wall s':>9} {'tok/s':>9}{vs} {'retract':>8} {'calls':>6}  outputs"]
+    width = max([18] + [len(b) + 5 for b in bases])  # "vs " + the name, a space before
+    vs = "".join(f"{'vs ' + b:>{width}}" for b in bases)
+    lines = [f"{'workload':<24} {'arm':<16} {'wall s':>9} {'tok/s':>9}{vs} {'retract':>8} {'calls':>6}  outputs"]
     for r in summary_rows(record):
-        ratios = "".join(f"{r['ratios'][b]:>17.3f}x" if b in r["ratios"] else f"{'-':>18}" for b in bases)
-        lines.append(f"{r['workload']:<24} {r['arm']:<14} {r['wall_s']:>9.2f} {r['tok_s']:>9.0f}{ratios} "
+        ratios = "".join(f"{r['ratios'][b]:>{width - 1}.3f}x" if b in r["ratios"] else f"{'-':>{width}}" for b in bases)
+        lines.append(f"{r['workload']:<24} {r['arm']:<16} {r['wall_s']:>9.2f} {r['tok_s']:>9.0f}{ratios} "
                      f"{r['retractions']:>8} {r['generate_calls']:>6}  {r['outputs']}")
     return "\n".join(lines)
 
 
 # ---- charts ------------------------------------------------------------------------------
 
-COLORS = {"vanilla": "tab:gray", "vanilla-waves": "tab:orange", "batchllm": "tab:blue", "vanilla-again": "black"}
+COLORS = {"vanilla": "tab:gray", "vanilla-waves": "tab:orange", "batchllm-triton": "tab:cyan", "batchllm": "tab:blue",
+          "vanilla-again": "black"}
 
 
 def write_charts(record: dict, out: Path) -> list[Path]:
