@@ -572,8 +572,12 @@ def test_decode_graph_path_replays_any_step_at_fixed_addresses(published_config)
     runner = _runner(published_config, max_reqs=12)
     ours = BatchLLMAttnBackend(runner)
     ours.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    eager = _make_shared_step(runner, _PREFILL_ROWS, prefixes=_PREFIXES, mode=ForwardMode.EXTEND, seed=29)
+    ours.init_forward_metadata(eager.batch)
+    assert ours.cascade_extend is not None  # an eager fused prefill plan ...
     capture = _make_shared_step(runner, [(None, 1, 1)] * 8, prefixes={}, seed=30, publish=False)
     ours.init_forward_metadata_out_graph(capture.batch, in_capture=True)
+    assert ours.cascade_extend is None  # ... never survives into a captured step
     captured = ours.cascade
     assert captured is not None and captured.grid_items == ours._cascade_workspace.max_items
     for seed, rows in [(31, _DECODE_ROWS + [(None, 3, 1), (0, 4, 1)]),

@@ -1,29 +1,45 @@
-"""`batchllm` attention backend: SGLang's Triton backend, with the decode rows of a mixed batch
-run by the decode kernel.
+"""`batchllm` attention backend: SGLang's Triton backend, plus two things it lacks for batched
+jobs: the fused cascade kernel for rows that share a cached prefix, and decode rows of mixed
+steps on a decode kernel instead of prefill-sized tiles.
 
-Why. With `--enable-mixed-chunk` the scheduler folds every running decode request (one new token
-each) into the prefill batch as `ForwardMode.MIXED`, and the Triton backend's `forward_extend`
-runs *all* rows through `extend_attention_fwd`. That kernel's grid is (rows, query heads,
-cdiv(longest extend, BLOCK_M)) with no split-KV and no packing of the query heads that share a KV
-head, so a decode row streams its whole context once per query head (4x the KV bytes for GQA
-32/8) inside a prefill-sized tile that holds one useful row. On an H200 the authors' workload ran
-2x slower with mixed chunk on. BatchLLM's scheduler wants decode rows to ride with prefill
-chunks, so here they go through `decode_attention_fwd` (split-KV, GQA heads packed) instead.
+The fused cascade kernel (`sglang_batchllm.kernels`, docs/kernel.md). Rows whose cached
+prefix is the same radix path hold the same KV slots for it (`runtime/row_prefixes.py` says
+which: facts recorded at each request's first extend, published per step by
+`patches/forward_groups.py`). Per step the pure rule `kernels/step_groups.py` groups them and
+decides; the plan is built once (slot lists on the GPU from `req_to_token`), the kernel
+launched per layer and reads each group's prefix once:
 
-What. A MIXED step, as `ScheduleBatch.mix_with_running` lays it out::
+- DECODE steps, eager (`init_forward_metadata`) when the cost rule says sharing pays, and under
+  CUDA graphs always (`init_cuda_graph_state` allocates a fixed `CascadeWorkspace`; capture
+  records the kernel over it, each replay's preparation writes that step's plan into it);
+- the decode rows of MIXED steps (below), when the rule says it pays;
+- EXTEND steps and the prefill rows of MIXED steps, when some rows share a cached prefix and no
+  request brings more new tokens than the extend sweep measured; otherwise SGLang's extend
+  kernel, bit for bit.
+
+What the kernel does not compute keeps SGLang's kernels, said once at start
+(`cascade_fallback_reason`), or, for a layer the model config did not announce, is refused at
+the first step (`_check_cascade_layer`).
+
+Mixed steps. With `--enable-mixed-chunk` the scheduler folds every running decode request (one
+new token each) into the prefill batch as `ForwardMode.MIXED`, and the Triton backend's
+`forward_extend` runs *all* rows through `extend_attention_fwd`. That kernel's grid is (rows,
+query heads, cdiv(longest extend, BLOCK_M)) with no split-KV and no packing of the query heads
+that share a KV head, so a decode row streams its whole context once per query head (4x the KV
+bytes for GQA 32/8) inside a prefill-sized tile that holds one useful row. On an H200 the
+authors' workload ran 2x slower with mixed chunk on. Here decode rows go through the fused
+decode plan or `decode_attention_fwd` (split-KV, GQA heads packed) instead::
 
     rows     [0, P)  prefill rows            [P, B)  decode rows (extend_len 1)
     tokens   q[0, T) T = sum(extend_lens[:P]) q[T, T + B - P)
-    kernel   extend_attention_fwd             decode_attention_fwd
-    metadata the parent's, built for the      `DecodeRows`: kv over each row's whole
-             first P rows only                context, this step's token included
+    kernel   fused extend plan, or            fused decode plan, or
+             extend_attention_fwd over the    decode_attention_fwd over `DecodeRows`: each
+             parent's metadata for [0, P)     row's whole context, this step's token included
 
-- `init_forward_metadata` plans once per step (plan/run split, no per-layer host work): the
-  parent's extend metadata over a row-sliced view of the batch, plus `DecodeRows`.
-- `forward_extend` calls the parent's, which writes the KV of *all* new tokens exactly once
-  and runs the extend kernel over the prefill rows; then the decode kernel fills the decode
-  rows' slice of the same output, reading the new tokens' KV from the pool.
-- Everything else is the parent's: EXTEND, DECODE, IDLE, TARGET_VERIFY, the CUDA-graph hooks.
+- `init_forward_metadata` plans once per step (plan/run split, no per-layer host work).
+- `forward_extend` writes the KV of *all* new tokens exactly once (the parent does it when its
+  extend kernel serves the prefill rows), runs the prefill rows, then fills the decode rows'
+  slice of the same output, reading the new tokens' KV from the pool.
 
 Which rows are decode rows. `ForwardBatch` does not say how many rows came from the running
 batch (`ScheduleBatch.decoding_reqs` is not copied into it), so the plan takes the trailing run
@@ -35,14 +51,16 @@ prefix_len + 1. So no `prefix_len > 0` test is needed (a one-token prompt with n
 decode over one key). One row always stays on the extend path, so the parent's metadata code
 never sees an empty batch.
 
-Not planned (MIXED falls back to the parent, one warning at init names the reason): MLA,
-sliding window / SWA pools, encoder-decoder, speculative decoding, decode context parallelism,
-deterministic inference. Supported on both paths, so kept: logit cap, xai temperature, attention
-sinks, k/v scales, page size > 1, unified-pool slot translation, `score_mod` (the per-token
-`aux_tensors` are sliced to the decode tokens). Custom masks never occur in MIXED (the Triton
-backend builds one only for TARGET_VERIFY). Under the breakable prefill CUDA graph the layers
-see the batch as EXTEND (`prefill_cuda_graph_runner` renames MIXED), so `forward_extend` keys on
-the plan made from the real batch, never on `forward_mode`.
+Not planned for mixed steps (MIXED falls back to the parent, one warning at init names the
+reason): MLA, sliding window / SWA pools, encoder-decoder, speculative decoding, decode context
+parallelism, deterministic inference. On SGLang's decode kernel, kept: logit cap, xai
+temperature, attention sinks, k/v scales, page size > 1, unified-pool slot translation,
+`score_mod` (the per-token `aux_tensors` are sliced to the decode tokens). Custom masks never
+occur in MIXED (the Triton backend builds one only for TARGET_VERIFY). Under the breakable
+prefill CUDA graph (SGLang's default) attention runs outside the captured segments with the
+live batch's metadata; the layers may see the batch as EXTEND (`prefill_cuda_graph_runner`
+renames MIXED), so `forward_extend` keys on the plan made from the real batch, never on
+`forward_mode`.
 """
 
 from __future__ import annotations
@@ -56,7 +74,6 @@ import torch
 
 from sglang.kernels.ops.kvcache.kv_indices import create_flashinfer_kv_indices_triton
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend, logit_capping_mod
-from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -289,9 +306,12 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         """Decode graphs run the fused kernel: at capture over a plan of the capture batch, at
         each replay over this step's plan written into the same workspace (fixed addresses
         and grid; the kernel reads the live item count), with the slots in the parent's
-        graph kv-index buffer, which only the parent's decode kernel would otherwise read."""
+        graph kv-index buffer, which only the parent's decode kernel would otherwise read.
+        Other captured modes (a full prefill graph) plan through the parent: no fused plan of
+        an earlier eager step may survive into them."""
         self.decode_rows = None
         self.cascade = None
+        self.cascade_extend = None
         ws = self._cascade_workspace
         if (
             ws is not None
