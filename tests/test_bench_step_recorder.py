@@ -255,3 +255,25 @@ def test_attention_row_counters_summed_over_the_window_when_recorded(tmp_path):
     w.flush()
     s = StepLog.read(path).window(1.5, 3.5).summary()
     assert (s.batchllm_decode_rows, s.batchllm_cascade_rows, s.batchllm_cascade_shared_rows) == (690, 600, 560)
+
+
+def test_step_times_are_gaps_between_launches_without_idle_in_between(tmp_path):
+    now = [0.0]
+    path = tmp_path / "steps.jsonl"
+    w = StepWriter(path, clock=lambda: now[0])
+
+    def step(t, mode, reqs):
+        now[0] = t
+        w.write("step", mode=mode, reqs=reqs, prefill=0, decode=reqs, kv_used=1, kv_evictable=0)
+
+    step(1.00, "MIXED", 300)
+    step(1.30, "DECODE", 256)  # mixed: 300 ms
+    step(1.34, "DECODE", 256)  # 40 ms
+    step(1.39, "DECODE", 250)  # 50 ms, then idle
+    now[0] = 1.40
+    w.idle()
+    step(2.00, "DECODE", 10)  # last: not timed
+    w.flush()
+    s = StepLog.read(path).summary()
+    assert (s.decode_steps_timed, round(s.decode_step_ms, 6), s.decode_step_rows) == (2, 45.0, 256)
+    assert (s.mixed_steps_timed, round(s.mixed_step_ms, 6)) == (1, 300.0)

@@ -195,7 +195,7 @@ def test_jsonl_errors_name_the_line(tmp_path, small, line, message):
 
 
 def test_unknown_workload_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match="authors, w1, decode-heavy, short-prefix, sweep, control, two-level"):
+    with pytest.raises(ValueError, match="authors, w1, decode-heavy, short-prefix, step-256, step-512, sweep, control, two-level"):
         WorkloadSpec("author")
     with pytest.raises(ValueError, match="no such file"):
         WorkloadSpec("jsonl:/nonexistent.jsonl")

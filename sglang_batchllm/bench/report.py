@@ -157,6 +157,11 @@ _ROWS = [
      lambda r: "-" if r.get("batchllm_extend_rows") is None else
      f"{_i(r['batchllm_extend_rows'])} / {_i(r['batchllm_extend_shared_rows'])}"),
     ("BatchLLM peak pinned tokens / groups live", lambda r: _pair(r["peak_pinned_tokens"], r["peak_groups_live"])),
+    ("decode-only steps: timed, median ms (median rows)",
+     lambda r: "-" if r.get("decode_step_ms") is None else
+     f"{_i(r['decode_steps_timed'])}, {_f(r['decode_step_ms'], 1)} ({_f(r['decode_step_rows'], 0)})"),
+    ("mixed steps: timed, median ms",
+     lambda r: "-" if r.get("mixed_step_ms") is None else f"{_i(r['mixed_steps_timed'])}, {_f(r['mixed_step_ms'], 1)}"),
     ("steps, mean / max tokens per step", lambda r: f"{_i(r['steps'])}, {_f(r['mean_tokens_per_step'], 0)} / {_i(r['max_step_tokens'])}"
      + ("" if r.get("complete_step_log", True) else " (step log cut short)")),
     ("wall time / prefill floor", lambda r: _f(r["floor_ratio"]) + "x" if r["floor_ratio"] else "-"),

@@ -34,6 +34,13 @@ class StepSummary:
     batchllm_extend_shared_rows: int | None = None
     peak_pinned_tokens: int | None = None
     peak_groups_live: int | None = None
+    # step times (a step's start to the next one's; steps before an idle marker or last in
+    # the window are not timed): decode-only and mixed steps, median ms and median rows
+    decode_steps_timed: int = 0
+    decode_step_ms: float | None = None
+    decode_step_rows: float | None = None
+    mixed_steps_timed: int = 0
+    mixed_step_ms: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -91,8 +98,29 @@ class StepLog:
             peak_kv_used=max((x["kv_used"] for x in s), default=0),
             peak_kv_held=max((x["kv_used"] - x["kv_evictable"] for x in s), default=0),
             max_step_tokens=max((x["prefill"] + x["decode"] for x in s), default=0),
+            **self._step_times(),
             **self._batchllm_summary(),
         )
+
+    def _step_times(self) -> dict:
+        """With overlap scheduling a step is recorded when the scheduler launches it, so in a
+        steady stream the gap to the next launch is the step's GPU time."""
+        timed: dict[str, list[tuple[float, int]]] = {"DECODE": [], "MIXED": []}
+        idles = sorted(self.idle_times)
+        for cur, nxt in zip(self.steps, self.steps[1:]):
+            if cur.get("mode") not in timed:
+                continue
+            if any(cur["t"] <= t <= nxt["t"] for t in idles):
+                continue  # the scheduler went idle in between: not a step time
+            timed[cur["mode"]].append(((nxt["t"] - cur["t"]) * 1e3, cur["reqs"]))
+        decode, mixed = timed["DECODE"], timed["MIXED"]
+        return {
+            "decode_steps_timed": len(decode),
+            "decode_step_ms": _median([ms for ms, _ in decode]),
+            "decode_step_rows": _median([rows for _, rows in decode]),
+            "mixed_steps_timed": len(mixed),
+            "mixed_step_ms": _median([ms for ms, _ in mixed]),
+        }
 
     def _batchllm_summary(self) -> dict:
         """Counters are cumulative and read before each step runs, so the window's share is the
@@ -126,6 +154,14 @@ class StepLog:
         if any(_has_batchllm_fields(x) for x in s):  # a BatchLLM run: its gauges too
             columns.update({k: [x.get(k, 0) for x in s] for k in BATCHLLM_GAUGES})
         return columns
+
+
+def _median(values: list[float]) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    mid = len(v) // 2
+    return float(v[mid]) if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
 
 
 def _has_batchllm_fields(step: dict) -> bool:

@@ -15,6 +15,7 @@ exactly `prefix` tokens, and nothing else shares anything by accident.
 | w1 | 64 groups x 16 = 1024 | prefix 2000 / distinct 200 / output 100 (docs/baseline.md's W1: all prefixes fit the cache) |
 | decode-heavy | 100 groups x 16 = 1600 | prefix 2000 / distinct 200 / output 500 |
 | short-prefix | 128 groups x 8 = 1024 | prefix 128 / distinct 300 / output 100 (little to share: a cost rule that shares anyway loses) |
+| step-256, step-512 | 16 / 32 groups x 16 | prefix 2000 / distinct 200 / output 200: every request fits at once, so decode steps run at batch 256 / 512 (the report's decode step time) |
 | sweep | 9 x 256 | group size 4/16/64 x output 10/100/500; prefix 2000 / distinct 200 |
 | control | 512 | 2200 distinct tokens each, output 100: no sharing at all |
 | two-level | 64 docs x 8 questions = 512 | system 1000 + document 1500 + question 100, output 100 |
@@ -185,6 +186,14 @@ def short_prefix(gen: _Gen) -> list[Workload]:
     return [shared_prefix(gen, "short-prefix", gen.scaled(128), 8, 128, 300, 100)]
 
 
+def step_256(gen: _Gen) -> list[Workload]:
+    return [shared_prefix(gen, "step-256", gen.scaled(16), 16, 2000, 200, 200)]
+
+
+def step_512(gen: _Gen) -> list[Workload]:
+    return [shared_prefix(gen, "step-512", gen.scaled(32), 16, 2000, 200, 200)]
+
+
 SWEEP_GROUP_SIZES = (4, 16, 64)
 SWEEP_OUTPUTS = (10, 100, 500)
 SWEEP_REQUESTS = 256  # per cell; prefix 2000 / distinct 200 as in the paper's benchmark
@@ -230,6 +239,8 @@ WORKLOADS: dict[str, Callable[[_Gen], list[Workload]]] = {
     "w1": w1,
     "decode-heavy": decode_heavy,
     "short-prefix": short_prefix,
+    "step-256": step_256,
+    "step-512": step_512,
     "sweep": sweep,
     "control": control,
     "two-level": two_level,
