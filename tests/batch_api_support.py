@@ -22,7 +22,8 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, jobs_dir: str, *, delay: float = 0.0, api_key: str | None = None,
-                 max_upload_mb: int | None = None, flush_seconds: float | None = None) -> None:
+                 max_upload_mb: int | None = None, flush_seconds: float | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.jobs_dir, self.port = str(jobs_dir), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sglang_batchllm.batch_api.fake_server", "--jobs-dir", self.jobs_dir,
@@ -33,6 +34,7 @@ class Server:
             cmd += ["--max-upload-mb", str(max_upload_mb)]
         if flush_seconds is not None:
             cmd += ["--flush-seconds", str(flush_seconds)]
+        cmd += list(extra_args)
         env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
         self.log = open(os.path.join(self.jobs_dir + ".log"), "ab")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)

@@ -141,7 +141,7 @@ def test_upload_checks(client, server):
 def test_every_route_needs_the_api_key(server):
     anon = httpx.Client(base_url=server.url, timeout=10)
     wrong = httpx.Client(base_url=server.url, timeout=10, headers={"Authorization": "Bearer nope"})
-    routes = [("POST", "/v1/files"), ("GET", "/v1/files/file-000000000000000000000000"),
+    routes = [("POST", "/v1/files"), ("GET", "/v1/files"), ("GET", "/v1/files/file-000000000000000000000000"),
               ("GET", "/v1/files/file-000000000000000000000000/content"),
               ("DELETE", "/v1/files/file-000000000000000000000000"), ("POST", "/v1/batches"),
               ("GET", "/v1/batches"), ("GET", "/v1/batches/batch_000000000000000000000000"),
@@ -250,3 +250,88 @@ def test_input_of_an_active_batch_cannot_be_deleted(client):
     assert client.post(f"/v1/batches/{batch['id']}/cancel").status_code == 200
     wait_status(client, batch["id"], ("cancelled",))
     assert client.delete(f"/v1/files/{file_id}").status_code == 200
+
+
+def test_openai_client_lists_files_with_purpose_order_and_pages(server, client, tmp_path):
+    openai = pytest.importorskip("openai")
+    oa = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY)
+    path = tmp_path / "list.jsonl"
+    path.write_bytes(batch_lines(3, prefix="list-"))
+    mine = [oa.files.create(file=path.open("rb"), purpose="batch").id for _ in range(3)]
+    page = oa.files.list(limit=2)  # newest first by default, as OpenAI's
+    assert [f.id for f in page.data] == mine[::-1][:2] and page.has_more is True
+    every = [f.id for f in oa.files.list(limit=2)]  # the client follows `after` through every page
+    assert every[:3] == mine[::-1] and len(every) == len(set(every))
+    assert set(every) == {f["id"] for f in client.get("/v1/files").json()["data"]}  # default: all of them
+    ascending = [f.id for f in oa.files.list(order="asc", limit=100)]
+    assert ascending == every[::-1]
+    assert [f.id for f in oa.files.list(after=mine[2], limit=1).data] == [mine[1]]  # one page: .data
+    assert [f.id for f in oa.files.list(order="asc", after=mine[0], limit=1).data] == [mine[1]]
+    run = run_batch(client, batch_lines(2, prefix="listed-"))
+    done = wait_status(client, run["id"], ("completed",))
+    outputs = [f for f in oa.files.list(purpose="batch_output")]
+    assert done["output_file_id"] in [f.id for f in outputs] and all(f.purpose == "batch_output" for f in outputs)
+    assert done["output_file_id"] not in [f.id for f in oa.files.list(purpose="batch")]
+    assert all(f.purpose == "batch" for f in oa.files.list(purpose="batch"))
+    for bad, param in [({"limit": 0}, "limit"), ({"limit": 10_001}, "limit"), ({"limit": "x"}, "limit"),
+                       ({"order": "newest"}, "order"), ({"after": "file-nope"}, "after")]:
+        r = client.get("/v1/files", params=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+CUSTOM_TEMPLATE = ("{% for m in messages %}[[{{ m['role'] | upper }} SAYS: {{ m['content'] }}]] {% endfor %}"
+                   "[[ASSISTANT ANSWERS IN THE CUSTOM TEMPLATE'S WORDS:]]")
+
+
+def chat_lines(n):
+    return "\n".join(json.dumps({"custom_id": f"t{i}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"messages": [{"role": "user", "content": f"hello {i}"}],
+                                           "max_tokens": 2}}) for i in range(n)).encode()
+
+
+def test_chat_lines_use_the_servers_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sglang_batchllm import bundled_model
+
+    template = tmp_path / "custom.jinja"
+    template.write_text(CUSTOM_TEMPLATE)
+    s = Server(tmp_path / "jobs", extra_args=("--chat-template", str(template)))
+    try:
+        with s.client() as c:
+            batch = run_batch(c, chat_lines(3), endpoint="/v1/chat/completions")
+            done = wait_status(c, batch["id"], ("completed", "failed"))
+            assert done["status"] == "completed", done
+            lines = {json.loads(x)["custom_id"]: json.loads(x)
+                     for x in c.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()}
+    finally:
+        s.stop()
+    tok = AutoTokenizer.from_pretrained(bundled_model.model_dir())
+    for i in range(3):
+        messages = [{"role": "user", "content": f"hello {i}"}]
+        custom = tok.apply_chat_template(messages, chat_template=CUSTOM_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+        own = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert "USER SAYS: hello" in custom and custom != own
+        want = len(tok(custom, add_special_tokens=False)["input_ids"])
+        assert want != len(tok(own, add_special_tokens=False)["input_ids"])  # the test can tell them apart
+        assert lines[f"t{i}"]["response"]["body"]["usage"]["prompt_tokens"] == want
+
+
+def test_chat_batches_are_refused_with_a_builtin_chat_template(tmp_path):
+    s = Server(tmp_path / "jobs", extra_args=("--chat-template", "chatml"))
+    try:
+        with s.client() as c:
+            file_id = upload(c, chat_lines(2)).json()["id"]
+            r = c.post("/v1/batches", json={"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                                            "completion_window": "24h"})
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["code"] == "chat_template_unsupported" and error["param"] == "endpoint"
+            assert "built-in conversation template 'chatml'" in error["message"]
+            assert "--chat-template FILE.jinja" in error["message"]
+            assert c.get("/v1/batches").json()["data"] == []  # nothing was created
+            ok = run_batch(c, batch_lines(2))  # completions batches still run
+            assert wait_status(c, ok["id"], ("completed",))["request_counts"]["completed"] == 2
+    finally:
+        s.stop()

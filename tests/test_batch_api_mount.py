@@ -34,7 +34,7 @@ assert mount_on_sglang(args)
 assert app.router.lifespan_context is not sglang_lifespan  # ours now runs inside SGLang's
 ours = sorted((m, r.path.replace("{file_id}", "file-" + "0" * 24).replace("{batch_id}", "batch_" + "0" * 24))
               for r in router.routes for m in r.methods)
-assert len(ours) == 8, ours
+assert len(ours) == 9, ours
 assert os.path.exists(os.path.join(sys.argv[1], "jobs.sqlite3"))  # opened before any model loads
 # what SGLang's _setup_and_run_http_server does with --api-key, before uvicorn starts
 from sglang.srt.utils.auth import add_api_key_middleware
@@ -57,6 +57,18 @@ assert not service.ready()
 tm.server_status = ServerStatus.Up
 assert service.ready()
 assert type(service.backend).__name__ == "InProcessBackend" and service.backend.engine.tokenizer_manager is tm
+# chats: the template SGLang's startup left on the tokenizer manager's tokenizer, or refused
+from types import SimpleNamespace
+assert (s.chat_template, s.chat_refused) == (None, None)
+tm.tokenizer = SimpleNamespace(chat_template="{{ messages[0]['content'] }} (the --chat-template file)")
+http_server.set_global_state(http_server._GlobalState(
+    tokenizer_manager=tm, template_manager=SimpleNamespace(chat_template_name=None), scheduler_info={}))
+s = getattr(app.state, "batchllm_batches_factory")().settings
+assert s.chat_template.endswith("(the --chat-template file)") and s.chat_refused is None, s
+http_server.set_global_state(http_server._GlobalState(
+    tokenizer_manager=tm, template_manager=SimpleNamespace(chat_template_name="chatml"), scheduler_info={}))
+s = getattr(app.state, "batchllm_batches_factory")().settings
+assert s.chat_template is None and "built-in conversation template 'chatml'" in s.chat_refused, s
 print("MOUNTED-OK")
 """
 

@@ -111,3 +111,38 @@ def test_a_second_server_on_the_same_jobs_dir_is_refused(tmp_path):
         assert "--batchllm-jobs-dir" in other.stderr
     finally:
         server.stop()
+
+
+def test_a_window_that_passed_while_the_server_was_down_expires_the_batch_instead_of_resuming(tmp_path):
+    jobs = tmp_path / "jobs"
+    server = Server(jobs, delay=0.01, flush_seconds=0.2)
+    try:
+        with server.client() as c:
+            batch_id = start_batch(c)
+            queued = start_batch(c, n=20, prefix="queued-")
+            wait_some_done(c, batch_id, at_least=50)
+            server.kill()
+    finally:
+        server.stop()
+    before = open(only_output_file(jobs), "rb").read()
+    assert 50 <= len(before.splitlines()) < N
+    # started again "25 hours later": the clock runs a day and an hour ahead of the wall clock
+    server = Server(jobs, delay=0.001, extra_args=("--clock-offset", str(25 * 3600)))
+    try:
+        with server.client() as c:
+            done = c.get(f"/v1/batches/{batch_id}").json()  # expired at start, before anything resumed
+            assert done["status"] == "expired", done
+            assert done["expired_at"] >= done["expires_at"] and done["completed_at"] is None
+            text = c.get(f"/v1/files/{done['output_file_id']}/content").text
+            assert text.encode() == before  # what finished before the kill, no more: nothing resumed
+            errors = [json.loads(x) for x in c.get(f"/v1/files/{done['error_file_id']}/content").text.splitlines()]
+            assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+            assert sorted(ids_of(text) + [e["custom_id"] for e in errors]) == sorted(f"r{i}" for i in range(N))
+            assert done["request_counts"] == {"total": N, "completed": len(ids_of(text)), "failed": len(errors)}
+            other = c.get(f"/v1/batches/{queued}").json()
+            assert other["status"] == "expired" and other["output_file_id"] is None
+            assert other["request_counts"] == {"total": 20, "completed": 0, "failed": 20}
+            time.sleep(0.5)
+            assert c.get(f"/v1/files/{done['output_file_id']}/content").text == text  # still nothing ran
+    finally:
+        server.stop()

@@ -42,6 +42,16 @@ async def until(store, batch_id, statuses, timeout=30):
     raise AssertionError(f"{batch_id} stuck in {row['status']}")
 
 
+async def until_running(store, batch_id, timeout=30):
+    """Until the batch's job has written a result: `in_progress` alone may still mean queued."""
+    for _ in range(int(timeout / 0.01)):
+        row = store.get_batch(batch_id)
+        if row["completed"] + row["failed"] > 0:
+            return row
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{batch_id} never ran: {row}")
+
+
 def create(service, file_id, endpoint="/v1/completions"):
     return service.create_batch({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"})
 
@@ -113,7 +123,7 @@ def test_cancel_before_the_turn_and_state_rules(tmp_path):
         await service.start()
         first = create(service, add_input(store, batch_lines(400, prefix="a")))
         second = create(service, add_input(store, batch_lines(5, prefix="b")))
-        await until(store, first["id"], ("in_progress",))
+        await until_running(store, first["id"])
         cancelled = await service.cancel(second["id"])  # still queued: cancelled at once, nothing ran
         assert cancelled["status"] == "cancelled" and cancelled["output_file_id"] is None
         with pytest.raises(ApiError) as err:
@@ -166,3 +176,90 @@ def test_unusable_jobs_dir_says_what_to_do(tmp_path):
     blocker.write_text("")
     with pytest.raises(JobsDirError, match="pass --batchllm-jobs-dir a writable directory"):
         Store(str(blocker / "jobs"))
+
+
+class Clock:
+    """The service's clock, moved by the test: expiry is reached without waiting for it."""
+
+    def __init__(self, now=1_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_batch_whose_window_passes_mid_job_expires_keeping_what_finished(tmp_path):
+    store, _, backend = make(tmp_path, delay=0.01)
+    clock = Clock()
+    service = BatchService(store, Settings(max_upload_bytes=1 << 20, tokenizer_path=bundled_model.model_dir(),
+                                           model="fake"), backend, clock=clock, expiry_poll=0.01)
+
+    async def main():
+        await service.start()
+        row = create(service, add_input(store, batch_lines(400)))
+        assert row["expires_at"] == int(clock.now) + 24 * 3600
+        for _ in range(3000):
+            if store.get_batch(row["id"])["completed"] >= 20:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # a few seconds of (fake) day left: nothing expires yet
+        assert store.get_batch(row["id"])["status"] == "in_progress"
+        clock.now += 24 * 3600
+        done = await until(store, row["id"], ("expired", "completed", "failed"))
+        await service.stop()
+        return done
+
+    done = asyncio.run(main())
+    assert done["status"] == "expired", done
+    body = batch_object(done)
+    assert body["expired_at"] == int(clock.now) and body["completed_at"] is None
+    folder = store.path(done["dir"])
+    out = [json.loads(x) for x in open(os.path.join(folder, "output.jsonl"))]
+    err = [json.loads(x) for x in open(os.path.join(folder, "errors.jsonl"))]
+    assert 20 <= len(out) < 400 and all(x["response"]["status_code"] == 200 for x in out)
+    assert err and all(x["error"]["code"] == "batch_expired" and x["response"] is None for x in err)
+    assert "24h completion window ended" in err[0]["error"]["message"]
+    assert sorted(x["custom_id"] for x in out + err) == sorted(f"q{i}" for i in range(400))  # each once
+    assert body["request_counts"] == {"total": 400, "completed": len(out), "failed": len(err)}
+    assert body["output_file_id"] and body["error_file_id"]
+    assert store.get_file(body["error_file_id"])["purpose"] == "batch_output"
+
+
+def test_a_queued_batch_is_validated_at_once_and_waits_in_progress(tmp_path):
+    store, service, backend = make(tmp_path, delay=0.01)
+
+    async def main():
+        await service.start()
+        first = create(service, add_input(store, batch_lines(400, prefix="a")))
+        await until_running(store, first["id"])
+        queued = create(service, add_input(store, batch_lines(5, prefix="b")))
+        bad = create(service, add_input(store, batch_lines(3, prefix="c")), endpoint="/v1/chat/completions")
+        assert queued["status"] == bad["status"] == "validating"
+        waiting = await until(store, queued["id"], ("in_progress",))
+        failed = await until(store, bad["id"], ("failed",))
+        running = store.get_batch(first["id"])
+        # both were decided while the first batch still ran, and the queued one has not started
+        assert running["status"] == "in_progress" and running["completed"] < 400
+        assert len(backend.submitted) == 1
+        done = await until(store, queued["id"], ("completed",))
+        await service.stop()
+        return waiting, failed, done
+
+    waiting, failed, done = asyncio.run(main())
+    assert (waiting["total"], waiting["completed"], waiting["failed"]) == (5, 0, 0)
+    assert waiting["in_progress_at"] is not None
+    assert [e["line"] for e in failed["errors"]] == [1, 2, 3] and failed["errors"][0]["code"] == "invalid_url"
+    assert done["completed"] == 5
+
+
+def test_chat_batches_refused_where_the_server_template_cannot_be_applied(tmp_path):
+    store = Store(str(tmp_path / "jobs"))
+    settings = Settings(max_upload_bytes=1 << 20, tokenizer_path=bundled_model.model_dir(), model="fake",
+                        chat_refused="because of the test")
+    service = BatchService(store, settings, FakeBackend())
+    file_id = add_input(store, batch_lines(2))
+    with pytest.raises(ApiError) as err:
+        create(service, file_id, endpoint="/v1/chat/completions")
+    assert err.value.status == 400 and err.value.code == "chat_template_unsupported"
+    assert err.value.message == "chat batches are refused on this server: because of the test"
+    assert create(service, file_id)["status"] == "validating"  # completions batches are not affected

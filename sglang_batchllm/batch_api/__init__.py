@@ -7,7 +7,7 @@ together. State lives in SQLite in the jobs directory (`--batchllm-jobs-dir`), o
 it; a server killed mid-job resumes the job when it starts again (docs/batch-api.md).
 
 Modules: `ids` (opaque ids), `store` (SQLite and the jobs directory), `objects` (the JSON
-bodies and errors), `uploads` (size-limited multipart), `service` (the batch lifecycle and its
+bodies and errors), `uploads` (size-limited multipart), `chat` (which chat template chats render with), `service` (the batch lifecycle and its
 worker), `engine` (the in-process SGLang backend), `routes` (the FastAPI router), `mount`
 (putting the router on SGLang's app), `fake_server` (the same router with the fake engine, for
 tests and demos). Nothing here imports SGLang at module level except `mount`'s callers.

@@ -5,7 +5,10 @@ FastAPI app with the job runner's fake engine (`jobs.engines.FakeBackend`), serv
 the CPU stand-in for the GPU server in tests and demos. `--api-key` adds SGLang's own API-key
 middleware (`sglang.srt.utils.auth.add_api_key_middleware`), as SGLang's server does.
 `POST /generate` answers at once, a stand-in for ordinary traffic served while a job runs.
-Texts are tokenized with the bundled model's tokenizer unless `--tokenizer-path` says otherwise.
+Texts are tokenized with the bundled model's tokenizer unless `--tokenizer-path` says otherwise;
+chats are rendered with the template SGLang's own loading picks (`--chat-template` as the real
+server takes it). `--clock-offset S` runs the service's clock S seconds ahead of the wall clock,
+which is how a test restarts a server "a day later" without waiting a day.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-path", help="tokenizer for text lines (default: the bundled model's)")
     p.add_argument("--flush-seconds", type=float, default=RunOptions().flush_seconds,
                    help="how often finished lines are written (the job runner's default)")
+    p.add_argument("--chat-template", help="as SGLang's --chat-template: a built-in name or a .jinja/.json file")
+    p.add_argument("--clock-offset", type=float, default=0.0, help="seconds added to the service's clock")
+    p.add_argument("--expiry-poll", type=float, default=1.0, help="seconds between expiry checks")
     return p
 
 
@@ -43,11 +49,20 @@ def build_app(args: argparse.Namespace):
     from .service import BatchService, Settings
     from .store import Store
 
+    import time
+
+    from transformers import AutoTokenizer
+
+    from .chat import sglang_chat_rendering
+
     store = Store(args.jobs_dir)  # opened (and locked) before serving, as on the real server
     tokenizer = args.tokenizer_path or bundled_model.model_dir()
+    chat = sglang_chat_rendering(AutoTokenizer.from_pretrained(tokenizer), tokenizer, args.chat_template)
     settings = Settings(max_upload_bytes=args.max_upload_mb << 20, tokenizer_path=tokenizer, model="fake",
                         context_len=model_context_len(tokenizer),
-                        run=RunOptions(flush_seconds=args.flush_seconds))
+                        run=RunOptions(flush_seconds=args.flush_seconds),
+                        chat_template=chat.template, chat_refused=chat.refused)
+    offset = args.clock_offset
     app = FastAPI()
 
     @app.post("/generate")
@@ -58,7 +73,8 @@ def build_app(args: argparse.Namespace):
     async def health():
         return {}
 
-    install(app, lambda: BatchService(store, settings, FakeBackend(delay=args.fake_delay)))
+    install(app, lambda: BatchService(store, settings, FakeBackend(delay=args.fake_delay),
+                                      clock=lambda: time.time() + offset, expiry_poll=args.expiry_poll))
     if args.api_key:
         from sglang.srt.utils.auth import add_api_key_middleware
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..config import BatchLLMConfig
 from ..planner.inputs import PlannerConfig
+from .chat import chat_rendering
 from .routes import FACTORY_KEY, router
 from .service import BatchService, Settings
 from .store import JobsDirError, Store
@@ -66,8 +67,12 @@ def mount_on_sglang(server_args: Any, config: BatchLLMConfig | None = None) -> b
     from .engine import InProcessBackend
 
     def factory() -> BatchService:
-        tm = http_server.get_global_state().tokenizer_manager
+        state = http_server.get_global_state()
+        tm = state.tokenizer_manager
         model = tm.served_model_name
+        # Read after SGLang's startup has loaded --chat-template onto the tokenizer manager's
+        # tokenizer (chat.py), so chats render with the template the server's own route uses.
+        chat = chat_rendering(state.template_manager, getattr(tm, "tokenizer", None))
         settings = Settings(
             max_upload_bytes=config.max_upload_mb << 20,
             tokenizer_path=server_args.tokenizer_path or server_args.model_path,
@@ -75,6 +80,8 @@ def mount_on_sglang(server_args: Any, config: BatchLLMConfig | None = None) -> b
             context_len=tm.context_len,
             planner=PlannerConfig(page_size=server_args.page_size or 1, levels=config.levels,
                                   min_prefix_tokens=config.min_prefix_tokens),
+            chat_template=chat.template,
+            chat_refused=chat.refused,
         )
         return BatchService(store, settings, InProcessBackend(tm, model),
                             ready=lambda: tm.server_status == ServerStatus.Up)

@@ -8,10 +8,10 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-# Batch statuses (openai.types.Batch.status); `expired` is never reached: jobs do not expire.
+# Batch statuses (openai.types.Batch.status).
 VALIDATING, FAILED, IN_PROGRESS, FINALIZING = "validating", "failed", "in_progress", "finalizing"
-COMPLETED, CANCELLING, CANCELLED = "completed", "cancelling", "cancelled"
-TERMINAL = (FAILED, COMPLETED, CANCELLED)
+COMPLETED, CANCELLING, CANCELLED, EXPIRED = "completed", "cancelling", "cancelled", "expired"
+TERMINAL = (FAILED, COMPLETED, CANCELLED, EXPIRED)
 ACTIVE = (VALIDATING, IN_PROGRESS, FINALIZING, CANCELLING)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -63,7 +63,7 @@ def batch_object(row: dict[str, Any]) -> dict[str, Any]:
         "finalizing_at": row.get("finalizing_at"),
         "completed_at": row.get("completed_at"),
         "failed_at": row.get("failed_at"),
-        "expired_at": None,
+        "expired_at": row.get("expired_at"),
         "cancelling_at": row.get("cancelling_at"),
         "cancelled_at": row.get("cancelled_at"),
         "request_counts": {"total": row["total"], "completed": row["completed"], "failed": row["failed"]},
@@ -72,7 +72,16 @@ def batch_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def file_list(rows: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """`GET /v1/files`: the cursor page `openai.pagination.SyncCursorPage` reads (`data`,
+    `has_more`; the next page is asked for with `after` = the last item's id)."""
+    return _page([file_object(r) for r in rows], has_more)
+
+
 def batch_list(rows: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
-    data = [batch_object(r) for r in rows]
+    return _page([batch_object(r) for r in rows], has_more)
+
+
+def _page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": has_more}

@@ -18,7 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
-from .objects import ApiError, batch_list, batch_object, file_deleted, file_object
+from .service import FILE_LIST_MAX
+from .objects import ApiError, batch_list, batch_object, file_deleted, file_list, file_object
 
 STATE_KEY = "batchllm_batches"
 FACTORY_KEY = "batchllm_batches_factory"
@@ -73,6 +74,16 @@ async def create_file(request: Request):
     return JSONResponse(file_object(await _service(request).upload(request)))
 
 
+@router.get("/v1/files")
+@_api
+async def list_files(request: Request):
+    query = request.query_params
+    limit = _int(query.get("limit", str(FILE_LIST_MAX)), f"limit must be an integer 1..{FILE_LIST_MAX}")
+    rows, has_more = _service(request).list_files(limit, query.get("after"), query.get("purpose"),
+                                                  query.get("order", "desc"))
+    return JSONResponse(file_list(rows, has_more))
+
+
 @router.get("/v1/files/{file_id}")
 @_api
 async def retrieve_file(file_id: str, request: Request):
@@ -105,11 +116,7 @@ async def create_batch(request: Request):
 @router.get("/v1/batches")
 @_api
 async def list_batches(request: Request):
-    raw = request.query_params.get("limit", "20")
-    try:
-        limit = int(raw)
-    except ValueError:
-        raise ApiError(400, f"limit must be an integer 1..100, got {raw!r}", param="limit") from None
+    limit = _int(request.query_params.get("limit", "20"), "limit must be an integer 1..100")
     rows, has_more = _service(request).list_batches(limit, request.query_params.get("after"))
     return JSONResponse(batch_list(rows, has_more))
 
@@ -124,3 +131,10 @@ async def retrieve_batch(batch_id: str, request: Request):
 @_api
 async def cancel_batch(batch_id: str, request: Request):
     return JSONResponse(batch_object(await _service(request).cancel(batch_id)))
+
+
+def _int(raw: str, message: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ApiError(400, f"{message}, got {raw[:64]!r}", param="limit") from None

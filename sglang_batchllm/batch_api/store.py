@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS batches (
     failed_at INTEGER,
     cancelling_at INTEGER,
     cancelled_at INTEGER,
+    expired_at INTEGER,
     output_file_id TEXT,
     error_file_id TEXT,
     errors TEXT,
@@ -67,7 +68,7 @@ CREATE TABLE IF NOT EXISTS batches (
 _JSON_COLUMNS = ("metadata", "errors", "usage")
 _BATCH_COLUMNS = frozenset({
     "status", "model", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "cancelling_at",
-    "cancelled_at", "output_file_id", "error_file_id", "errors", "total", "completed", "failed", "usage",
+    "cancelled_at", "expired_at", "output_file_id", "error_file_id", "errors", "total", "completed", "failed", "usage",
 })
 
 
@@ -95,10 +96,18 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(_SCHEMA)
+            self._migrate()
         except (OSError, sqlite3.Error) as exc:
             self._release()
             raise JobsDirError(f"cannot use the jobs directory {self.root}: {exc}; pass --batchllm-jobs-dir "
                                "a writable directory") from None
+
+    def _migrate(self) -> None:
+        # A jobs directory made before batches could expire has no expired_at column; CREATE
+        # TABLE IF NOT EXISTS leaves such a table as it is, so the column is added here.
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(batches)")}
+        if "expired_at" not in columns:
+            self.db.execute("ALTER TABLE batches ADD COLUMN expired_at INTEGER")
 
     def _hold_directory(self) -> None:
         # Two servers on one jobs directory would both resume its batches: refuse the second.
@@ -145,6 +154,23 @@ class Store:
 
     def get_file(self, file_id: str) -> dict[str, Any] | None:
         return self._one("SELECT * FROM files WHERE id = ?", (file_id,))
+
+    def list_files(self, limit: int, after: str | None, purpose: str | None,
+                   ascending: bool) -> tuple[list[dict[str, Any]], bool]:
+        """`limit` files in upload order (newest first unless `ascending`), after the file `after`
+        (excluded), only those of `purpose` if given; and whether more follow. `seq` is the
+        order files were stored in, which is the order of their `created_at`."""
+        where, params = [], []
+        if purpose is not None:
+            where.append("purpose = ?")
+            params.append(purpose)
+        if after is not None:
+            where.append(f"seq {'>' if ascending else '<'} (SELECT seq FROM files WHERE id = ?)")
+            params.append(after)
+        sql = (f"SELECT * FROM files {'WHERE ' + ' AND '.join(where) if where else ''} "
+               f"ORDER BY seq {'ASC' if ascending else 'DESC'} LIMIT ?")
+        rows = self._all(sql, (*params, limit + 1))
+        return rows[:limit], len(rows) > limit
 
     def delete_file(self, file_id: str) -> None:
         self._run("DELETE FROM files WHERE id = ?", (file_id,))
