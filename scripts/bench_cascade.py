@@ -6,6 +6,7 @@ Cases (seeded, bf16, 32 query / 8 KV heads, head_dim 128, page size 16 unless no
   extend  E1: 8 groups x 4 requests, prefix 2000, 256 new tokens each (8192-token chunk)
           E2: 32 groups x 16 requests, prefix 2000, 16 new tokens each (packed GROUP tiles)
   sweeps  decode: group size x prefix length; extend: group size x new tokens per request
+          (16 to 2048)
           (the measurements behind kernels/cost_model.py)
 
 Every kernel's output is checked against the fp32 reference (or SGLang's output in the
@@ -340,9 +341,14 @@ def decode_sweep(args, results, decode_cfg):
 
 def extend_sweep(args, results, extend_cfg):
     print("[extend sweep] ~8192 new tokens, prefix 1024: speedup = sglang / cascade", flush=True)
-    for q_len in (16, 64, 256):
+    # 1024 and 2048 new tokens per request: whole prompts in one chunk (a group leader's, a
+    # long unshared prompt); kernels/cost_model.EXTEND_MAX_MEASURED_NEW_TOKENS keeps such steps
+    # on SGLang's kernel until these rows say otherwise
+    for q_len in (16, 64, 256, 1024, 2048):
         for gs in (1, 4, 16):
             n = 8192 // q_len
+            if n < gs:
+                continue
             batch = synthetic.make_batch(
                 group_sizes=[gs] * (n // gs), prefix_lens=[1024], suffix_lens=[q_len + 64],
                 q_lens=[q_len], num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=16,
