@@ -438,18 +438,25 @@ def _build_plan(
         packed_host = packed_host.pin_memory()
     dev = packed_host.to(device, non_blocking=True).split(sizes)
     ws_rows = max(layout.total_partials, 1)
-    return CascadePlan(
-        **common,
-        needs_merge=layout.needs_merge,
-        items=dev[0].view(-1, ITEM_FIELDS),
-        group_q_tokens=dev[1],
-        token_partial_start=dev[2],
-        token_own_partial_start=dev[3],
-        token_num_partials=dev[4],
-        token_suffix_start=dev[5],
-        token_qpos=dev[6],
+    return _plan(
+        common, dev, needs_merge=layout.needs_merge,
         partial_out=torch.empty(ws_rows, num_q_heads, head_dim, dtype=torch.float32, device=device),
         partial_lse_base2=torch.empty(ws_rows, num_q_heads, dtype=torch.float32, device=device),
+    )
+
+
+def _plan(common: dict, arrays, **rest) -> CascadePlan:
+    """The plan over its int32 device arrays, in the order `_build_plan` packs them."""
+    return CascadePlan(
+        **common,
+        items=arrays[0].view(-1, ITEM_FIELDS),
+        group_q_tokens=arrays[1],
+        token_partial_start=arrays[2],
+        token_own_partial_start=arrays[3],
+        token_num_partials=arrays[4],
+        token_suffix_start=arrays[5],
+        token_qpos=arrays[6],
+        **rest,
     )
 
 
@@ -525,16 +532,9 @@ def _write_into(ws: CascadeWorkspace, host: list[torch.Tensor], num_items: int, 
         event.record()
         ws._copied[turn] = event
     v = ws.views
-    return CascadePlan(
-        **common,
+    return _plan(
+        common, v,
         needs_merge=True,  # the merge skips tokens whose one partial went straight to Out
-        items=v[0].view(-1, ITEM_FIELDS),
-        group_q_tokens=v[1],
-        token_partial_start=v[2],
-        token_own_partial_start=v[3],
-        token_num_partials=v[4],
-        token_suffix_start=v[5],
-        token_qpos=v[6],
         partial_out=ws.partial_out,
         partial_lse_base2=ws.partial_lse_base2,
         num_items_dev=v[7],

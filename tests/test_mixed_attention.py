@@ -223,23 +223,7 @@ def _make_step(runner, rows, *, mode=ForwardMode.MIXED, seed=0, logit_cap=0.0, s
         ks.append(keys[prefix:])
         vs.append(values[prefix:])
         out_loc += row_slots[prefix:]
-    prefix_lens = [p for p, _ in rows]
-    extend_lens = [e for _, e in rows]
-    seq_lens = [p + e for p, e in rows]
-    on = dict(device=DEVICE)
-    batch = ForwardBatch(
-        forward_mode=mode, batch_size=len(rows),
-        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, **on),
-        req_pool_indices=pool_rows.to(DEVICE), seq_lens=torch.tensor(seq_lens, **on),
-        seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=sum(seq_lens),
-        out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, **on),
-        positions=torch.cat([torch.arange(p, p + e) for p, e in rows]).to(DEVICE),
-    )
-    if not mode.is_decode():
-        batch.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, **on)
-        batch.extend_seq_lens = torch.tensor(extend_lens, dtype=torch.int32, **on)
-        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = prefix_lens, extend_lens
-        batch.extend_num_tokens = sum(extend_lens)
+    batch = _forward_batch(mode, [p for p, _ in rows], [e for _, e in rows], pool_rows, out_loc)
     layer = RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0, logit_cap=logit_cap)
     return Step(
         batch=batch,
@@ -249,6 +233,27 @@ def _make_step(runner, rows, *, mode=ForwardMode.MIXED, seed=0, logit_cap=0.0, s
         reference=torch.cat(refs).reshape(-1, hq * d),
         layer=layer,
     )
+
+
+def _forward_batch(mode, prefix_lens, extend_lens, pool_rows, out_loc) -> ForwardBatch:
+    """A step's ForwardBatch: row r has prefix_lens[r] cached tokens and extend_lens[r] new ones,
+    whose KV goes to `out_loc` (in row order)."""
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    on = dict(device=DEVICE)
+    batch = ForwardBatch(
+        forward_mode=mode, batch_size=len(seq_lens),
+        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, **on),
+        req_pool_indices=pool_rows.to(DEVICE), seq_lens=torch.tensor(seq_lens, **on),
+        seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=sum(seq_lens),
+        out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, **on),
+        positions=torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, extend_lens)]).to(DEVICE),
+    )
+    if not mode.is_decode():
+        batch.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, **on)
+        batch.extend_seq_lens = torch.tensor(extend_lens, dtype=torch.int32, **on)
+        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = list(prefix_lens), list(extend_lens)
+        batch.extend_num_tokens = sum(extend_lens)
+    return batch
 
 
 def _reference(query, keys, values, prefix, logit_cap=0.0, sinks=None):
@@ -427,7 +432,7 @@ def _make_shared_step(runner, rows, *, prefixes, mode=ForwardMode.DECODE, seed=0
         v_buf[slots] = values.to(DEVICE, DTYPE)
         shared[pid] = (slots, keys, values)
     pool_rows = torch.randperm(runner.req_to_token_pool.size, generator=gen)[: len(rows)]
-    qs, ks, vs, refs, out_loc, seq_lens, prefix_lens, extend_lens = ([] for _ in range(8))
+    qs, ks, vs, refs, out_loc, prefix_lens, extend_lens = ([] for _ in range(7))
     keys_of_rows, lens_of_rows = [], []
     for (pid, own, extend), pool_row in zip(rows, pool_rows.tolist()):
         p_slots, p_keys, p_values = shared[pid] if pid is not None else ([], torch.zeros(0, hkv, d), torch.zeros(0, hkv, d))
@@ -446,25 +451,11 @@ def _make_shared_step(runner, rows, *, prefixes, mode=ForwardMode.DECODE, seed=0
         ks.append(keys[before:])
         vs.append(values[before:])
         out_loc += row_slots[before:]
-        seq_lens.append(len(row_slots))
         prefix_lens.append(before)
         extend_lens.append(extend)
         keys_of_rows.append(1000 + pid if pid is not None else -1)
         lens_of_rows.append(len(p_slots))
-    on = dict(device=DEVICE)
-    batch = ForwardBatch(
-        forward_mode=mode, batch_size=len(rows),
-        input_ids=torch.zeros(sum(extend_lens), dtype=torch.int64, **on),
-        req_pool_indices=pool_rows.to(DEVICE), seq_lens=torch.tensor(seq_lens, **on),
-        seq_lens_cpu=torch.tensor(seq_lens), seq_lens_sum=sum(seq_lens),
-        out_cache_loc=torch.tensor(out_loc, dtype=torch.int64, **on),
-        positions=torch.cat([torch.arange(p, p + e) for p, e in zip(prefix_lens, extend_lens)]).to(DEVICE),
-    )
-    if not mode.is_decode():
-        batch.extend_prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, **on)
-        batch.extend_seq_lens = torch.tensor(extend_lens, dtype=torch.int32, **on)
-        batch.extend_prefix_lens_cpu, batch.extend_seq_lens_cpu = prefix_lens, extend_lens
-        batch.extend_num_tokens = sum(extend_lens)
+    batch = _forward_batch(mode, prefix_lens, extend_lens, pool_rows, out_loc)
     if publish:
         row_prefixes.publish(batch.out_cache_loc, RowPrefixes(tuple(keys_of_rows), tuple(lens_of_rows)))
     return Step(

@@ -19,16 +19,14 @@ import datetime as dt
 import importlib.metadata
 import importlib.util
 import json
-import os
 import platform
-import shlex
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .arms import ARMS, DEFAULT_ARMS, parse_arms, plugin_problems
+from .entry import command_line, run_command
 from .compare import OutputTolerance
 from .floor import workload_floor
 from .launch import arm_spec, git_info, measure_matmul, run_engine, stored_result
@@ -212,9 +210,7 @@ def _model(args: argparse.Namespace, out: Path) -> tuple[str, str]:
 
 
 def _command(argv: Sequence[str]) -> str:
-    invoked = sys.argv[0] if sys.argv else ""
-    script = os.path.relpath(invoked) if invoked.endswith("bench_batch.py") else "scripts/bench_batch.py"
-    return shlex.join(["python", script, *argv])
+    return command_line(argv, "scripts/bench_batch.py")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -223,19 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         return _report_only(args.report_only, args.out)
     command = _command(argv)
-    print(f"Reproduce with: {command}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: stop children too
-    try:
-        return _run(args, command)
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}\nReproduce with: {command}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished arm runs stay in OUT/raw/; the same command with --resume reuses them\n"
-              f"Reproduce with: {command}", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return run_command(lambda: _run(args, command), command,
+                       "finished arm runs stay in OUT/raw/; the same command with --resume reuses them")
 
 
 def _report_only(result_json: str, out: str | None) -> int:
@@ -247,10 +232,6 @@ def _report_only(result_json: str, out: str | None) -> int:
     for path in paths:
         print(path)
     return 0
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _run(args: argparse.Namespace, command: str) -> int:

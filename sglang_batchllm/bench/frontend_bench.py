@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from . import entry
 from . import frontend_workload as fw
 from .launch import git_info, installed_plugin_names, vanilla_env
 from .model import write_llama31_8b_dir
@@ -122,9 +123,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def command_line(argv: Sequence[str]) -> str:
-    invoked = sys.argv[0] if sys.argv else ""
-    script = os.path.relpath(invoked) if invoked.endswith("bench_run_batch.py") else "scripts/bench_run_batch.py"
-    return shlex.join(["python", script, *argv])
+    return entry.command_line(argv, "scripts/bench_run_batch.py")
 
 
 # ---- servers --------------------------------------------------------------------------------
@@ -620,27 +619,13 @@ def write_report(record: dict, out: Path) -> list[Path]:
 # ---- main ------------------------------------------------------------------------------------
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # `timeout` sends SIGTERM: stop the server too
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     command = command_line(argv)
-    print(f"Reproduce with: {command}", flush=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return _run(args, command)
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}\nReproduce with: {command}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the server was stopped; finished arms stay in OUT/raw/ and the same command with "
-              f"--resume reuses them\nReproduce with: {command}", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return entry.run_command(lambda: _run(args, command), command,
+                             "the server was stopped; finished arms stay in OUT/raw/ and the same command "
+                             "with --resume reuses them")
 
 
 def _gpu_name() -> str | None:
