@@ -224,7 +224,12 @@ def _make_step(runner, rows, *, mode=ForwardMode.MIXED, seed=0, logit_cap=0.0, s
         vs.append(values[prefix:])
         out_loc += row_slots[prefix:]
     batch = _forward_batch(mode, [p for p, _ in rows], [e for _, e in rows], pool_rows, out_loc)
-    layer = RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0, logit_cap=logit_cap)
+    return _step(batch, qs, ks, vs, refs, RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0, logit_cap=logit_cap))
+
+
+def _step(batch, qs, ks, vs, refs, layer) -> Step:
+    """Per-row queries, new keys/values and fp32 references, concatenated in token order."""
+    hq, d = layer.tp_q_head_num, layer.qk_head_dim
     return Step(
         batch=batch,
         q=torch.cat(qs).reshape(-1, hq * d).to(DEVICE, DTYPE),
@@ -458,14 +463,7 @@ def _make_shared_step(runner, rows, *, prefixes, mode=ForwardMode.DECODE, seed=0
     batch = _forward_batch(mode, prefix_lens, extend_lens, pool_rows, out_loc)
     if publish:
         row_prefixes.publish(batch.out_cache_loc, RowPrefixes(tuple(keys_of_rows), tuple(lens_of_rows)))
-    return Step(
-        batch=batch,
-        q=torch.cat(qs).reshape(-1, hq * d).to(DEVICE, DTYPE),
-        k=torch.cat(ks).to(DEVICE, DTYPE),
-        v=torch.cat(vs).to(DEVICE, DTYPE),
-        reference=torch.cat(refs).reshape(-1, hq * d),
-        layer=RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0),
-    )
+    return _step(batch, qs, ks, vs, refs, RadixAttention(hq, d, SM_SCALE, hkv, layer_id=0))
 
 
 _DECODE_ROWS = [(0, 5, 1), (0, 1, 1), (None, 40, 1), (1, 9, 1), (0, 17, 1), (1, 2, 1)]
