@@ -85,14 +85,17 @@ def test_schedule_off_keeps_only_the_flags_and_the_attention_facts():
     # the batchllm attention backend also groups rows that SGLang's own radix matching made
     # share, so its per-row facts stay on without BatchLLM's scheduler
     result = _probe({"SGLANG_BATCHLLM_ENABLE": "1", "SGLANG_BATCHLLM_SCHEDULE": "0"})
-    assert result["our_hooks"] == sorted(FLAG_HOOKS + [FORWARD_FACTS_HOOK])
+    assert result["our_hooks"] == sorted(FLAG_HOOKS + FORWARD_FACTS_HOOKS)
 
 
 FLAG_HOOKS = [
     "sglang.srt.server_args.ServerArgs.add_cli_args",
     "sglang.srt.server_args.ServerArgs.from_cli_args",
 ]
-FORWARD_FACTS_HOOK = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+FORWARD_FACTS_HOOKS = [
+    "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
+    "sglang.srt.model_executor.runner.eager_runner.EagerRunner.load_batch",
+]
 ENABLED_HOOKS = FLAG_HOOKS + [
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._should_use_batch_tokenization",
     "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
@@ -102,8 +105,7 @@ ENABLED_HOOKS = FLAG_HOOKS + [
     # the gather hold's clock from TP rank 0 (on by default: --batchllm-gather-ms 5)
     "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
     "sglang.srt.managers.scheduler.Scheduler.process_input_requests",
-    FORWARD_FACTS_HOOK,  # per-row cached-prefix facts for the attention backend
-]
+] + FORWARD_FACTS_HOOKS  # per-row cached-prefix facts for the attention backend
 
 
 def test_register_is_idempotent():

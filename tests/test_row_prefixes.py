@@ -86,3 +86,33 @@ def test_only_the_latest_steps_are_kept():
         row_prefixes.publish(t, RowPrefixes((1,), (2,)))
     assert row_prefixes.lookup(tensors[0]) is None
     assert row_prefixes.lookup(tensors[-1]) == RowPrefixes((1,), (2,))
+
+
+def test_an_eager_steps_copy_carries_its_facts():
+    """SGLang's eager runner hands the backend a copy of the batch in its static buffers (new
+    tensors): the real `EagerRunner.load_batch`, then the patch's AFTER hook."""
+    from sglang.srt.model_executor.cuda_graph_buffer_registry import build_eager_registry
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+    from sglang.srt.model_executor.runner.eager_runner import EagerRunner
+
+    row_prefixes.clear()
+    registry = build_eager_registry(device=torch.device("cpu"), max_bs=8, max_num_token=64,
+                                    cache_loc_dtype=torch.int64, encoder_lens_dtype=torch.int64)
+    runner = SimpleNamespace(_eager_registry=registry)
+    seq = torch.tensor([41, 42, 9])
+    batch = ForwardBatch(
+        forward_mode=ForwardMode.DECODE, batch_size=3, input_ids=torch.zeros(3, dtype=torch.int64),
+        req_pool_indices=torch.arange(3), seq_lens=seq, seq_lens_cpu=seq, seq_lens_sum=92,
+        out_cache_loc=torch.tensor([100, 101, 102]), positions=seq - 1,
+    )
+    facts = RowPrefixes((3, 3, -1), (40, 40, 0))
+    row_prefixes.publish(batch.out_cache_loc, facts)
+    copy = EagerRunner.load_batch(runner, batch)
+    assert copy.out_cache_loc is not batch.out_cache_loc  # why the hook exists
+    assert row_prefixes.lookup(copy.out_cache_loc) is None
+    assert forward_groups._after_load_batch(copy, runner, batch) is copy
+    assert row_prefixes.lookup(copy.out_cache_loc) == facts
+    # a batch published by nobody stays without facts; a copy that is the batch adds nothing
+    other = EagerRunner.load_batch(runner, batch.__class__(**{**batch.__dict__, "out_cache_loc": torch.tensor([7, 8, 9])}))
+    forward_groups._after_load_batch(other, runner, batch=None)
+    assert row_prefixes.lookup(other.out_cache_loc) is None

@@ -115,6 +115,17 @@ def lookup(out_cache_loc: Any) -> Optional[RowPrefixes]:
     return None
 
 
+def carry(source: Any, copy: Any) -> None:
+    """Publish the facts of the step whose `out_cache_loc` is `source` under `copy` too: SGLang's
+    eager runner copies each batch into its static input buffers before the backend plans it,
+    so the backend sees a slice of those buffers, not the tensor the batch was published with."""
+    if copy is None or copy is source:
+        return
+    rows = lookup(source)
+    if rows is not None:
+        publish(copy, rows)
+
+
 def clear() -> None:
     with _lock:
         _recent.clear()
