@@ -338,6 +338,54 @@ def test_workspace_plans_replay_at_fixed_addresses():
         assert _rel_err(out, _reference(batch)) < _tolerance(batch.q.dtype)
 
 
+def _int_arrays(plan):
+    return {name: getattr(plan, name) for name in (
+        "items", "prefix_kv_indices", "suffix_kv_indices", "group_q_tokens", "token_partial_start",
+        "token_own_partial_start", "token_num_partials", "token_suffix_start", "token_qpos",
+    )} | ({"num_items_dev": plan.num_items_dev} if plan.num_items_dev is not None else {})
+
+
+@pytest.mark.parametrize("num_ungrouped", [1, 2, 3])
+@pytest.mark.parametrize("suffix", [[1], [3, 6], [5, 2, 9]])
+def test_every_array_a_kernel_reads_starts_on_16_bytes(num_ungrouped, suffix):
+    """Triton specializes pointer arguments on 16-byte alignment: arrays at step-dependent
+    offsets would compile a kernel variant per alignment pattern. Eager and workspace plans of
+    odd sizes keep every array aligned."""
+    batch = synthetic.make_batch(group_sizes=[3, 2], prefix_lens=[13, 7], suffix_lens=suffix,
+                                 num_ungrouped=num_ungrouped, num_q_heads=4, num_kv_heads=2,
+                                 head_dim=64, dtype=torch.float32, device=DEVICE, seed=5)
+    config = default_launch_config("decode", 2, 64)
+    ws = CascadeWorkspace(max_tokens=13, num_q_heads=4, head_dim=64, device=DEVICE, config=config)
+    eager = build_decode_plan(**batch.plan_kwargs(), max_kv_chunk=8)
+    fixed, _ = _into_workspace(batch, ws, max_kv_chunk=8)
+    for plan in (eager, fixed):
+        arrays = _int_arrays(plan)
+        assert {n: t.data_ptr() % 16 for n, t in arrays.items() if t.numel()} == {n: 0 for n, t in arrays.items() if t.numel()}
+        out = cascade_decode(batch.q, batch.k_buffer, batch.v_buffer, plan, SM_SCALE)
+        assert _rel_err(out, _reference(batch)) < _tolerance(batch.q.dtype)
+
+
+def test_a_slot_base_suffix_may_start_at_the_next_aligned_offset():
+    batch = synthetic.make_batch(group_sizes=[3], prefix_lens=[13], suffix_lens=[2, 5],
+                                 num_ungrouped=1, num_q_heads=4, num_kv_heads=2, head_dim=64,
+                                 dtype=torch.float32, device=DEVICE, seed=6)
+    kw = batch.plan_kwargs()
+    n, m = kw["prefix_kv_indices"].numel(), kw["suffix_kv_indices"].numel()
+    config = default_launch_config("decode", 2, 64)
+    ws = CascadeWorkspace(max_tokens=8, num_q_heads=4, head_dim=64, device=DEVICE, config=config)
+    for gap in (0, 1, 3, 4):
+        base = torch.zeros(n + gap + m, dtype=kw["prefix_kv_indices"].dtype, device=DEVICE)
+        base[:n], base[n + gap:] = kw["prefix_kv_indices"], kw["suffix_kv_indices"]
+        args = {**kw, "prefix_kv_indices": base[:n], "suffix_kv_indices": base[n + gap:]}
+        if gap >= 4:  # not "following" any more: a caller's mistake, refused
+            with pytest.raises(CascadePlanError, match="must follow"):
+                build_decode_plan(**args, workspace=ws, slot_base=base)
+            continue
+        plan = build_decode_plan(**args, workspace=ws, slot_base=base)
+        out = cascade_decode(batch.q, batch.k_buffer, batch.v_buffer, plan, SM_SCALE)
+        assert _rel_err(out, _reference(batch)) < _tolerance(batch.q.dtype)
+
+
 def test_workspace_capacity_lengthens_pieces_until_the_plan_fits():
     batch = synthetic.make_batch(
         group_sizes=[4], prefix_lens=[200], suffix_lens=[50], num_ungrouped=1, num_q_heads=4,

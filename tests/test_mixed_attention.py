@@ -479,6 +479,10 @@ def test_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_config):
     out = _run(ours, step)
     plan = ours.cascade
     assert plan is not None and plan.num_groups == 2 and plan.num_requests == 6
+    # every array the kernels read starts on 16 bytes (cascade_plan.ALIGN: one compiled variant)
+    odd = [t for t in (plan.items, plan.prefix_kv_indices, plan.suffix_kv_indices, plan.token_qpos,
+                       plan.token_suffix_start, plan.token_num_partials) if t.data_ptr() % 16]
+    assert not odd
     after = (STATS.decode_rows, STATS.cascade_rows, STATS.cascade_shared_rows)
     assert [a - b for a, b in zip(after, before)] == [6, 6, 5]  # one row has no shared prefix
     assert torch.isfinite(out).all()

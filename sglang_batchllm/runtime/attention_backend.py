@@ -79,7 +79,9 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 from sglang_batchllm.kernels import CascadePlan, build_decode_plan, build_extend_plan
 from sglang_batchllm.kernels.cost_model import EXTEND_MAX_MEASURED_NEW_TOKENS
-from sglang_batchllm.kernels.cascade_plan import CascadeWorkspace, default_launch_config
+from sglang_batchllm.kernels.cascade_plan import (
+    CascadeWorkspace, aligned, default_launch_config, pack_aligned, split_aligned,
+)
 from sglang_batchllm.kernels.step_groups import NO_KEY, StepGroups, cascade_pays, group_rows
 
 from . import row_prefixes
@@ -363,19 +365,18 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         prefix_indptr = _cumsum(prefix_len)
         suffix_indptr = _cumsum(suffix_len)
         num_prefix, num_suffix = prefix_indptr[-1], suffix_indptr[-1]
-        host = torch.tensor(
-            groups.group_rows + prefix_len + prefix_indptr + groups.suffix_start + suffix_len
-            + suffix_indptr, dtype=torch.int32,
-        )
+        # every array and the suffix slots on 16-byte boundaries (cascade_plan.ALIGN says why)
+        lists = [groups.group_rows, prefix_len, prefix_indptr, groups.suffix_start, suffix_len,
+                 suffix_indptr]
+        host = pack_aligned([torch.tensor(x, dtype=torch.int32) for x in lists])
         on_cuda = torch.device(self.device).type == "cuda"
         dev = host.pin_memory().to(self.device, non_blocking=True) if on_cuda else host.to(self.device)
-        g_rows, g_len, g_indptr, s_start, s_len, s_indptr = dev.split(
-            [num_groups, num_groups, num_groups + 1, num_rows, num_rows, num_rows + 1]
-        )
+        g_rows, g_len, g_indptr, s_start, s_len, s_indptr = split_aligned(dev, [len(x) for x in lists])
+        suffix_at = aligned(num_prefix)
         if slot_base is None:
-            slots = torch.empty(num_prefix + num_suffix, dtype=torch.int32, device=self.device)
+            slots = torch.empty(suffix_at + num_suffix, dtype=torch.int32, device=self.device)
         else:
-            if num_prefix + num_suffix > slot_base.numel():
+            if suffix_at + num_suffix > slot_base.numel():
                 raise RuntimeError(
                     f"batchllm attention: a decode step of {num_rows} rows reads "
                     f"{num_prefix + num_suffix} KV slots, more than the graph buffer's "
@@ -390,14 +391,14 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             )
         if num_rows:
             create_flashinfer_kv_indices_triton[(num_rows,)](
-                self.req_to_token, pool_indices, s_len, s_indptr, s_start, slots[num_prefix:],
+                self.req_to_token, pool_indices, s_len, s_indptr, s_start, slots[suffix_at:],
                 stride,
             )
         kwargs = dict(
             prefix_kv_indptr=prefix_indptr,
             prefix_kv_indices=slots[:num_prefix],
             suffix_kv_indptr=suffix_indptr,
-            suffix_kv_indices=slots[num_prefix:num_prefix + num_suffix],
+            suffix_kv_indices=slots[suffix_at:suffix_at + num_suffix],
             request_group=groups.request_group,
             num_q_heads=self.num_head,
             num_kv_heads=self.num_kv_head,
