@@ -170,6 +170,7 @@ def test_installed_wrappers_delegate_unchanged(monkeypatch, tmp_path, sglang_sch
     monkeypatch.setattr(ScheduleBatch, "retract_decode", retract_decode)
     monkeypatch.setattr(step_recorder, "_writer", None)
     monkeypatch.setattr("sglang.srt.plugins.load_plugins", lambda: None)
+    monkeypatch.setattr(step_recorder, "install_compile_recorder", lambda writer: None)
     path = tmp_path / "steps.jsonl"
     step_recorder.install_step_recorder(path)
 
@@ -195,6 +196,7 @@ def test_batchllm_counters_join_the_step_record_when_active(monkeypatch, tmp_pat
     monkeypatch.setattr(Scheduler, "run_batch", lambda self, batch: "result")
     monkeypatch.setattr(step_recorder, "_writer", None)
     monkeypatch.setattr("sglang.srt.plugins.load_plugins", lambda: None)
+    monkeypatch.setattr(step_recorder, "install_compile_recorder", lambda writer: None)
     path = tmp_path / "steps.jsonl"
     writer = step_recorder.install_step_recorder(path)
     s, b = fake_scheduler(), fake_batch(sglang_scheduler.ForwardMode.DECODE, 4)
@@ -277,3 +279,60 @@ def test_step_times_are_gaps_between_launches_without_idle_in_between(tmp_path):
     s = StepLog.read(path).summary()
     assert (s.decode_steps_timed, round(s.decode_step_ms, 6), s.decode_step_rows) == (2, 45.0, 256)
     assert (s.mixed_steps_timed, round(s.mixed_step_ms, 6)) == (1, 300.0)
+
+
+def test_step_time_totals_per_mode_and_compiles_inside_the_window(tmp_path):
+    now = [0.0]
+    path = tmp_path / "steps.jsonl"
+    w = StepWriter(path, clock=lambda: now[0])
+
+    def record(t, kind, **fields):
+        now[0] = t
+        w.write(kind, **fields)
+
+    step = dict(prefill=0, decode=1, kv_used=1, kv_evictable=0)
+    record(0.5, "compile", name="early", s=2.0)  # warm-up: outside the window
+    record(1.0, "step", mode="EXTEND", reqs=4, **step)
+    record(1.2, "step", mode="MIXED", reqs=8, **step)  # extend: 200 ms
+    record(1.25, "compile", name="_cascade_fwd_kernel", s=0.04)
+    record(1.5, "step", mode="DECODE", reqs=8, **step)  # mixed: 300 ms
+    record(1.55, "step", mode="DECODE", reqs=8, **step)  # decode: 50 ms
+    record(1.6, "step", mode="DECODE", reqs=8, **step)  # decode: 50 ms, last: untimed
+    w.flush()
+    s = StepLog.read(path).window(1.0, 2.0).summary()
+    assert (s.extend_steps_s, s.mixed_steps_s, round(s.decode_steps_s, 6)) == (0.2, 0.3, 0.1)
+    assert (s.triton_compiles, s.triton_compile_s) == (1, 0.04)
+
+
+def test_compile_recorder_writes_a_record_per_compile_and_chains_existing_hooks(monkeypatch, tmp_path):
+    from triton import knobs
+
+    seen = []
+    monkeypatch.setattr(knobs.runtime, "jit_cache_hook", lambda **kw: seen.append(("cache", kw["key"])))
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", lambda **kw: seen.append(("post", kw["key"])))
+    now = [10.0]
+    path = tmp_path / "steps.jsonl"
+    writer = StepWriter(path, clock=lambda: now[0])
+    step_recorder.install_compile_recorder(writer)
+    fn = SimpleNamespace(name="_merge_kernel")
+    assert knobs.runtime.jit_cache_hook(key="k1", fn=fn, repr="r", compile={}, is_manual_warmup=False,
+                                        already_compiled=False) is None  # None: go on and compile
+    now[0] = 10.75
+    knobs.runtime.jit_post_compile_hook(key="k1", fn=fn, repr="r", compile={}, is_manual_warmup=False,
+                                        already_compiled=False)
+    writer.flush()
+    assert seen == [("cache", "k1"), ("post", "k1")]
+    assert [(c["name"], c["s"]) for c in StepLog.read(path).compiles] == [("_merge_kernel", 0.75)]
+
+
+def test_step_profiler_covers_count_steps_of_its_mode_after_skipping(tmp_path, sglang_scheduler):
+    mode = sglang_scheduler.ForwardMode
+    with pytest.raises(ValueError, match="MODE:SKIP:COUNT:PATH"):
+        step_recorder.StepProfiler("DECODE:5")
+    prof = step_recorder.StepProfiler(f"decode:1:2:{tmp_path / 'p'}")
+    for m in (mode.EXTEND, mode.DECODE, mode.DECODE, mode.MIXED, mode.DECODE, mode.DECODE):
+        prof.before_step(fake_batch(m, 1))
+    # started before the second DECODE step, stopped before the step two steps later
+    assert prof.prof is None and len(prof.step_t) == 3
+    text = (tmp_path / "p.txt").read_text()
+    assert text.startswith("2 DECODE steps after 1") and (tmp_path / "p.json.gz").stat().st_size > 0

@@ -111,6 +111,8 @@ def run_metrics(entry: dict, run: dict, startup_s: float | None = None) -> dict:
         "decode_step_rows": steps.get("decode_step_rows"),
         "mixed_steps_timed": steps.get("mixed_steps_timed", 0),
         "mixed_step_ms": steps.get("mixed_step_ms"),
+        **{k: steps[k] for k in ("decode_steps_s", "mixed_steps_s", "extend_steps_s",
+                                 "triton_compiles", "triton_compile_s") if k in steps},
         "floor_ratio": wall / floor_s if floor_s else None,
         "driver": run["driver"],
         "generate_calls": run["driver"]["calls"],

@@ -162,6 +162,11 @@ _ROWS = [
      f"{_i(r['decode_steps_timed'])}, {_f(r['decode_step_ms'], 1)} ({_f(r['decode_step_rows'], 0)})"),
     ("mixed steps: timed, median ms",
      lambda r: "-" if r.get("mixed_step_ms") is None else f"{_i(r['mixed_steps_timed'])}, {_f(r['mixed_step_ms'], 1)}"),
+    ("seconds in decode / mixed / prefill steps",
+     lambda r: "-" if "decode_steps_s" not in r else
+     f"{_f(r['decode_steps_s'])} / {_f(r['mixed_steps_s'])} / {_f(r['extend_steps_s'])}"),
+    ("Triton kernels compiled in the timed window (s)",
+     lambda r: "-" if "triton_compiles" not in r else f"{_i(r['triton_compiles'])} ({_f(r['triton_compile_s'])})"),
     ("steps, mean / max tokens per step", lambda r: f"{_i(r['steps'])}, {_f(r['mean_tokens_per_step'], 0)} / {_i(r['max_step_tokens'])}"
      + ("" if r.get("complete_step_log", True) else " (step log cut short)")),
     ("wall time / prefill floor", lambda r: _f(r["floor_ratio"]) + "x" if r["floor_ratio"] else "-"),

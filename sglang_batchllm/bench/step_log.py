@@ -41,6 +41,15 @@ class StepSummary:
     decode_step_rows: float | None = None
     mixed_steps_timed: int = 0
     mixed_step_ms: float | None = None
+    # seconds in timed decode-only, mixed and prefill-only steps (the rest of the wall time is
+    # idle gaps and untimed steps)
+    decode_steps_s: float = 0.0
+    mixed_steps_s: float = 0.0
+    extend_steps_s: float = 0.0
+    # Triton kernel variants compiled inside the window, and the seconds they took: each one
+    # stalled a step (none is expected after warm-up)
+    triton_compiles: int = 0
+    triton_compile_s: float = 0.0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -54,6 +63,7 @@ class StepLog:
     steps: list[dict] = field(default_factory=list)
     retractions: list[dict] = field(default_factory=list)
     idle_times: list[float] = field(default_factory=list)
+    compiles: list[dict] = field(default_factory=list)
     before: dict = field(default_factory=dict)  # after `window`: the last step before it ({} if none)
 
     @classmethod
@@ -75,6 +85,8 @@ class StepLog:
             self.retractions.append(rec)
         elif kind == "idle":
             self.idle_times.append(rec["t"])
+        elif kind == "compile":
+            self.compiles.append(rec)
 
     def window(self, t0: float, t1: float) -> "StepLog":
         inside = lambda r: t0 <= r["t"] <= t1  # noqa: E731
@@ -83,6 +95,7 @@ class StepLog:
             [s for s in self.steps if inside(s)],
             [r for r in self.retractions if inside(r)],
             [t for t in self.idle_times if t0 <= t <= t1],
+            [c for c in self.compiles if inside(c)],
             next((s for s in reversed(self.steps) if s["t"] < t0), {}),
         )
 
@@ -98,6 +111,8 @@ class StepLog:
             peak_kv_used=max((x["kv_used"] for x in s), default=0),
             peak_kv_held=max((x["kv_used"] - x["kv_evictable"] for x in s), default=0),
             max_step_tokens=max((x["prefill"] + x["decode"] for x in s), default=0),
+            triton_compiles=len(self.compiles),
+            triton_compile_s=round(sum(c.get("s") or 0.0 for c in self.compiles), 3),
             **self._step_times(),
             **self._batchllm_summary(),
         )
@@ -105,7 +120,7 @@ class StepLog:
     def _step_times(self) -> dict:
         """With overlap scheduling a step is recorded when the scheduler launches it, so in a
         steady stream the gap to the next launch is the step's GPU time."""
-        timed: dict[str, list[tuple[float, int]]] = {"DECODE": [], "MIXED": []}
+        timed: dict[str, list[tuple[float, int]]] = {"DECODE": [], "MIXED": [], "EXTEND": []}
         idles = sorted(self.idle_times)
         for cur, nxt in zip(self.steps, self.steps[1:]):
             if cur.get("mode") not in timed:
@@ -113,13 +128,17 @@ class StepLog:
             if any(cur["t"] <= t <= nxt["t"] for t in idles):
                 continue  # the scheduler went idle in between: not a step time
             timed[cur["mode"]].append(((nxt["t"] - cur["t"]) * 1e3, cur["reqs"]))
-        decode, mixed = timed["DECODE"], timed["MIXED"]
+        decode, mixed, extend = timed["DECODE"], timed["MIXED"], timed["EXTEND"]
+        total_s = lambda steps: round(sum(ms for ms, _ in steps) / 1e3, 3)  # noqa: E731
         return {
             "decode_steps_timed": len(decode),
             "decode_step_ms": _median([ms for ms, _ in decode]),
             "decode_step_rows": _median([rows for _, rows in decode]),
             "mixed_steps_timed": len(mixed),
             "mixed_step_ms": _median([ms for ms, _ in mixed]),
+            "decode_steps_s": total_s(decode),
+            "mixed_steps_s": total_s(mixed),
+            "extend_steps_s": total_s(extend),
         }
 
     def _batchllm_summary(self) -> dict:

@@ -19,6 +19,15 @@ the first error instead of disturbing the scheduler):
 - `ScheduleBatch.retract_decode`: the only retraction path of a decode batch. Records the
   number of requests retracted.
 - `Scheduler.on_idle`: the scheduler has nothing to run. Writes an "idle" marker and flushes.
+- Triton's JIT hooks (`triton.knobs.runtime.jit_cache_hook` / `jit_post_compile_hook`, chained
+  to any hook already set): a "compile" record per kernel variant compiled in this process,
+  with its name and seconds. A compile inside the timed window is a step that stalled for it
+  (a kernel specialized on a value that varies per step, e.g. a pointer's alignment).
+
+`SGLANG_BATCHLLM_BENCH_PROFILE=MODE:SKIP:COUNT:PATH` (a diagnosis aid, off by default) runs
+torch's profiler over COUNT steps from the (SKIP+1)-th step of forward mode MODE (e.g.
+`DECODE:300:5:/tmp/prof`), then writes PATH.txt (device time by kernel, host time by op) and
+PATH.json.gz (a chrome trace). The profiled steps are slower: such a run times nothing.
 
 In a BatchLLM run each step record also carries BatchLLM's own counters
 (`sglang_batchllm.runtime.stats`, read before the step runs): `BATCHLLM_STEP_FIELDS`. They are
@@ -39,9 +48,12 @@ shutdown, so nothing may wait for exit). step_log.py reads it back.
 from __future__ import annotations
 
 import functools
+import gzip
 import inspect
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -154,6 +166,81 @@ def _batchllm_stats() -> Any:
         return None
 
 
+def install_compile_recorder(writer: StepWriter) -> None:
+    """A "compile" record per Triton kernel variant compiled in this process."""
+    try:
+        from triton import knobs
+    except Exception:  # no Triton here (or an older one): nothing to record
+        return
+    runtime = knobs.runtime
+    before, after = runtime.jit_cache_hook, runtime.jit_post_compile_hook
+    started: dict[str, float] = {}
+
+    def cache_hook(*, key, fn, **kwargs):
+        started[str(key)] = writer.clock()
+        return before(key=key, fn=fn, **kwargs) if before else None
+
+    def post_compile_hook(*, key, fn, **kwargs):
+        t0 = started.pop(str(key), None)
+        name = getattr(fn, "name", None) or str(fn)
+        seconds = None if t0 is None else round(writer.clock() - t0, 4)
+        writer.safely(lambda: writer.write("compile", name=name, s=seconds))
+        return after(key=key, fn=fn, **kwargs) if after else None
+
+    runtime.jit_cache_hook, runtime.jit_post_compile_hook = cache_hook, post_compile_hook
+
+
+PROFILE_ENV = "SGLANG_BATCHLLM_BENCH_PROFILE"
+
+
+class StepProfiler:
+    """torch's profiler over a few steps of one forward mode (`PROFILE_ENV`, module doc)."""
+
+    def __init__(self, spec: str):
+        try:
+            mode, skip, count, path = spec.split(":", 3)
+            self.mode, self.skip, self.count, self.path = mode.upper(), int(skip), int(count), path
+        except ValueError:
+            raise ValueError(f"{PROFILE_ENV}={spec!r}: expected MODE:SKIP:COUNT:PATH, e.g. DECODE:300:5:/tmp/prof")
+        self.seen = 0  # steps of `mode` seen so far
+        self.left = None  # steps still to profile once started
+        self.prof = None
+        self.step_t: list[float] = []
+        self.enabled = True
+
+    def before_step(self, batch: Any) -> None:
+        if self.left is None and batch.forward_mode.name == self.mode:
+            self.seen += 1
+            if self.seen > self.skip:
+                import torch
+
+                acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+                self.left = self.count
+        if self.left is not None and self.prof is not None:
+            self.step_t.append(time.monotonic())
+            if self.left == 0:
+                self._finish()
+            self.left -= 1
+
+    def _finish(self) -> None:
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        averages = prof.key_averages()
+        gaps = [round((b - a) * 1e3, 2) for a, b in zip(self.step_t, self.step_t[1:])]
+        with open(self.path + ".txt", "w") as f:
+            f.write(f"{self.count} {self.mode} steps after {self.skip}; launch-to-launch ms: {gaps}\n\n")
+            f.write(averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90))
+            f.write("\n\n")
+            f.write(averages.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=90))
+        prof.export_chrome_trace(self.path + ".json")
+        with open(self.path + ".json", "rb") as src, gzip.open(self.path + ".json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.unlink(self.path + ".json")
+        logger.warning("step profile written to %s.txt", self.path)
+
+
 _writer: StepWriter | None = None
 
 
@@ -174,6 +261,9 @@ def install_step_recorder(path: str | Path) -> StepWriter:
     run_batch, on_idle, retract_decode = scheduler_cls.run_batch, scheduler_cls.on_idle, ScheduleBatch.retract_decode
 
     header_written = False
+    install_compile_recorder(writer)
+    spec = os.environ.get(PROFILE_ENV)
+    profiler = StepProfiler(spec) if spec else None
 
     def record_step(self: Any, batch: Any) -> None:
         nonlocal header_written
@@ -185,6 +275,12 @@ def install_step_recorder(path: str | Path) -> StepWriter:
     @functools.wraps(run_batch)
     def recorded_run_batch(self: Any, batch: Any, *args: Any, **kwargs: Any) -> Any:
         writer.safely(record_step, self, batch)
+        if profiler is not None and profiler.enabled:
+            try:
+                profiler.before_step(batch)
+            except Exception:  # a diagnosis aid: never the step record, never the scheduler
+                profiler.enabled = False
+                logger.exception("step profiler disabled after an error")
         return run_batch(self, batch, *args, **kwargs)
 
     @functools.wraps(on_idle)
