@@ -24,7 +24,7 @@ the first error instead of disturbing the scheduler):
   with its name and seconds. A compile inside the timed window is a step that stalled for it
   (a kernel specialized on a value that varies per step, e.g. a pointer's alignment).
 
-`SGLANG_BATCHLLM_BENCH_PROFILE=MODE:SKIP:COUNT:PATH` (a diagnosis aid, off by default) runs
+`BATCHLLM_BENCH_PROFILE=MODE:SKIP:COUNT:PATH` (a diagnosis aid, off by default) runs
 torch's profiler over COUNT steps from the (SKIP+1)-th step of forward mode MODE (e.g.
 `DECODE:300:5:/tmp/prof`), then writes PATH.txt (device time by kernel, host time by op) and
 PATH.json.gz (a chrome trace). The profiled steps are slower: such a run times nothing.
@@ -190,7 +190,7 @@ def install_compile_recorder(writer: StepWriter) -> None:
     runtime.jit_cache_hook, runtime.jit_post_compile_hook = cache_hook, post_compile_hook
 
 
-PROFILE_ENV = "SGLANG_BATCHLLM_BENCH_PROFILE"
+PROFILE_ENV = "BATCHLLM_BENCH_PROFILE"
 
 
 class StepProfiler:
