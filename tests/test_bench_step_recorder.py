@@ -56,14 +56,22 @@ def test_step_fields_per_forward_mode(sglang_scheduler):
     assert (idle["prefill"], idle["decode"]) == (0, 0)
 
 
-def test_writer_and_log_round_trip(tmp_path):
+def clocked_writer(path):
+    """A StepWriter on a hand-set clock (`now[0]`), and `at(t, kind, **fields)` writing a record
+    at t."""
     now = [0.0]
-    path = tmp_path / "steps.jsonl"
     w = StepWriter(path, clock=lambda: now[0])
 
     def at(t, kind, **fields):
         now[0] = t
         w.write(kind, **fields)
+
+    return w, at, now
+
+
+def test_writer_and_log_round_trip(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    w, at, now = clocked_writer(path)
 
     at(1, "header", kv_total=1000, page_size=1, batchllm_active=False)
     at(2, "step", mode="EXTEND", reqs=2, prefill=900, decode=0, kv_used=950, kv_evictable=0)
@@ -282,13 +290,8 @@ def test_step_times_are_gaps_between_launches_without_idle_in_between(tmp_path):
 
 
 def test_step_time_totals_per_mode_and_compiles_inside_the_window(tmp_path):
-    now = [0.0]
     path = tmp_path / "steps.jsonl"
-    w = StepWriter(path, clock=lambda: now[0])
-
-    def record(t, kind, **fields):
-        now[0] = t
-        w.write(kind, **fields)
+    w, record, _ = clocked_writer(path)
 
     step = dict(prefill=0, decode=1, kv_used=1, kv_evictable=0)
     record(0.5, "compile", name="early", s=2.0)  # warm-up: outside the window
