@@ -217,10 +217,25 @@ EXTEND_CONFIGS = [
 ]
 
 
-def decode_case(args, results, page_size=16, configs=DECODE_CONFIGS, label="decode"):
-    suffixes = list(range(200, 301))
+# --tune: the decode step the engine profile found slowest (docs/kernel.md, third measurement):
+# decode-heavy mid-run, 59 groups x 16 members of prefix 2000, suffixes of 200 prompt tokens
+# plus 0-500 generated, page size 1; a grid of tile shapes around the default
+TUNE_SHAPE = dict(group_sizes=[16] * 59, suffixes=list(range(200, 701, 13)), page_size=1)
+TUNE_CONFIGS = [None, (64, 128, 16, 64, 4, 3), (64, 32, 16, 64, 4, 3)] + [
+    (64, 64, m_r, n_r, warps, stages)
+    for m_r, n_r in ((16, 32), (16, 64), (16, 128), (32, 64))
+    for warps in (2, 4, 8)
+    for stages in (2, 3, 4)
+]
+
+
+def decode_case(args, results, page_size=16, configs=DECODE_CONFIGS, label="decode",
+                group_sizes=(16,) * 64, suffixes=None):
+    if suffixes is None:
+        suffixes = list(range(200, 301))
+        suffixes = suffixes[::7] + suffixes[3::11]
     batch = synthetic.make_batch(
-        group_sizes=[16] * 64, prefix_lens=[2000], suffix_lens=suffixes[::7] + suffixes[3::11],
+        group_sizes=list(group_sizes), prefix_lens=[2000], suffix_lens=suffixes,
         num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=page_size, dtype=DTYPE,
         device=DEV, seed=args.seed,
     )
@@ -366,11 +381,20 @@ def extend_sweep(args, results, extend_cfg):
                   f"(agree {err:.1e})", flush=True)
 
 
+def _print_configs(row, bw):
+    floor_ms = row["unique_kv_bytes"] / bw * 1e3
+    print(f"[{row['case']}] floor {floor_ms:.3f} ms; default {row['default_config']}")
+    for cfg, ms in sorted(row["configs"].items(), key=lambda kv: kv[1]):
+        print(f"  {cfg:<32} {ms:.3f} ms  {100 * floor_ms / ms:5.1f}% of floor")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-sweep", action="store_true", help="skip the cost-model sweeps")
     parser.add_argument("--json", type=str, default=None, help="write all numbers here")
+    parser.add_argument("--tune", action="store_true",
+                        help="only the engine-shaped decode step, over a grid of tile shapes")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     props = torch.cuda.get_device_properties(0)
@@ -381,10 +405,16 @@ def main():
     bw = copy_bandwidth()
     results["copy_bw"] = bw
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    decode_case(args, results)
-    decode_case(args, results, page_size=1, configs=[None], label="decode page 1")
-    extend_case(args, results, "extend E1", [4] * 8, q_len=256, suffix=256)
-    extend_case(args, results, "extend E2", [16] * 32, q_len=16, suffix=16)
+    if args.tune:
+        decode_case(args, results, configs=TUNE_CONFIGS, label="decode tune", **TUNE_SHAPE)
+        _print_configs(results["cases"][-1], bw)
+        args.no_sweep = True
+    else:
+        decode_case(args, results)
+        decode_case(args, results, page_size=1, configs=[None], label="decode page 1")
+    if not args.tune:
+        extend_case(args, results, "extend E1", [4] * 8, q_len=256, suffix=256)
+        extend_case(args, results, "extend E2", [16] * 32, q_len=16, suffix=16)
     for line in kernel_report():
         print("  " + line)
     if not args.no_sweep:

@@ -43,6 +43,7 @@ from sglang_batchllm.runtime.row_prefixes import RowPrefixes
 from sglang_batchllm.runtime.stats import STATS
 from sglang_batchllm.runtime.attention_backend import (
     BatchLLMAttnBackend,
+    split_count_warm_up_sizes,
     count_decode_rows,
     mixed_fallback_reason,
 )
@@ -493,6 +494,30 @@ def test_decode_rows_sharing_a_prefix_run_the_cascade_kernel(published_config):
     bare = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=21, publish=False)
     assert torch.equal(_run(ours, bare), _run(TritonAttnBackend(runner), bare))
     assert ours.cascade is None
+
+
+@needs_kernels
+def test_warm_up_compiles_each_launch_config_and_changes_no_result(published_config, caplog):
+    runner = _runner(published_config)
+    step = _make_shared_step(runner, _DECODE_ROWS, prefixes=_PREFIXES, seed=21)
+    ours = BatchLLMAttnBackend(runner)
+    cold = _run(ours, step)
+    with caplog.at_level(logging.INFO, logger="sglang_batchllm.runtime.attention_backend"):
+        ours.warm_up_kernels()
+    # 8 query / 2 KV heads: GROUP tiles of 16, 32 and 64 rows, one extend config; 8 request slots: sizes 1 and 8
+    assert "compiled 4 fused-kernel launch configs and the split-count kernel for 2 batch sizes" in caplog.text
+    assert torch.equal(_run(ours, step), cold)
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 15, 16, 17, 255, 256, 257, 300, 512, 1000, 1024, 4097])
+def test_split_count_warm_up_sizes_meet_every_variant(max_rows):
+    def variant(n):  # what get_num_kv_splits_triton compiles for: bucket, and n's specialization
+        bucket = 256 if n < 256 else 1 << (n - 1).bit_length()
+        return bucket, n == 1, n % 16 == 0
+
+    sizes = split_count_warm_up_sizes(max_rows)
+    assert all(1 <= n <= max_rows for n in sizes) and len(sizes) == len(set(sizes))
+    assert {variant(n) for n in range(1, max_rows + 1)} == {variant(n) for n in sizes}
 
 
 @needs_kernels

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -83,6 +84,7 @@ from sglang_batchllm.kernels.cascade_plan import (
     CascadeWorkspace, aligned, default_launch_config, pack_aligned, split_aligned,
 )
 from sglang_batchllm.kernels.step_groups import NO_KEY, StepGroups, cascade_pays, group_rows
+from sglang_batchllm.kernels.warmup import compile_launch_configs
 
 from . import row_prefixes
 from .stats import STATS
@@ -90,6 +92,22 @@ from .stats import STATS
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "batchllm"
+
+
+def split_count_warm_up_sizes(max_rows: int) -> list[int]:
+    """Batch sizes that compile every variant of SGLang's `get_num_kv_splits_triton` a run
+    with up to `max_rows` rows can meet: it rounds the batch to a power of two (at least 256,
+    a compile-time argument) and Triton specializes the row count itself on being 1 or a
+    multiple of 16. So per bucket, one size of each kind in it, within max_rows."""
+    sizes = [1] if max_rows >= 1 else []
+    low, bucket = 1, 256  # sizes in (low, bucket] share the bucket
+    while low < max_rows:
+        top = min(bucket, max_rows)
+        for n in (top - top % 16, top if top % 16 else top - 1):
+            if n > low and n not in sizes:
+                sizes.append(n)
+        low, bucket = bucket, bucket * 2
+    return sizes
 
 
 def count_decode_rows(extend_seq_lens: Sequence[int]) -> int:
@@ -232,6 +250,32 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             and not getattr(self, "allow_bidirectional_attention_in_extend", False)
         )
         self._cascade_workspace: Optional[CascadeWorkspace] = None  # CUDA-graph decode
+        if torch.device(self.device).type == "cuda":
+            self.warm_up_kernels()
+
+    def warm_up_kernels(self) -> None:
+        """Compile, before the first request, the kernel variants that eager steps of a large
+        job would otherwise compile mid-run (each costs 0.1-1.5 s on an H200; the bench step
+        log's `compile` lines found them in the timed window): every fused-kernel launch
+        config (`kernels/warmup.py`) and SGLang's split-count kernel at each batch-size bucket
+        it rounds to (a power of two from 256 up to the request slots)."""
+        t0 = time.perf_counter()
+        configs = []
+        if self.cascade_fallback_reason is None:
+            configs = compile_launch_configs(
+                self.token_to_kv_pool.get_key_buffer(0), self.token_to_kv_pool.get_value_buffer(0),
+                num_q_heads=self.num_head, dtype=self.token_to_kv_pool.get_key_buffer(0).dtype,
+            )
+        lens = torch.ones_like(self._decode_kv_lens)
+        sizes = split_count_warm_up_sizes(lens.numel())
+        for rows in sizes:
+            self.get_num_kv_splits(self._decode_num_kv_splits[:rows], lens[:rows])
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
+        logger.info(
+            "batchllm attention: compiled %d fused-kernel launch configs and the split-count "
+            "kernel for %d batch sizes in %.1f s", len(configs), len(sizes), time.perf_counter() - t0,
+        )
 
     # -- plan (once per step) ------------------------------------------------------------------
 
@@ -384,6 +428,7 @@ class BatchLLMAttnBackend(TritonAttnBackend):
                 )
             slots = slot_base
         stride = self.req_to_token.stride(0)
+        pool_indices = _aligned(pool_indices)
         if num_groups:
             create_flashinfer_kv_indices_triton[(num_groups,)](
                 self.req_to_token, pool_indices[g_rows.long()], g_len, g_indptr, None, slots,
@@ -446,7 +491,7 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         kv_indices = self._scratch("cuda_graph_kv_indices", (num_keys,), torch.int64)
         create_flashinfer_kv_indices_triton[(num_rows,)](
             self.req_to_token,
-            forward_batch.req_pool_indices[first_row:batch_size],
+            _aligned(forward_batch.req_pool_indices[first_row:batch_size]),
             kv_lens,
             kv_indptr,
             None,
@@ -657,6 +702,13 @@ def _row_facts(forward_batch, first: int, end: int) -> tuple[list[int], list[int
 def _count_cascade(groups: StepGroups) -> None:
     STATS.cascade_rows += len(groups.request_group)
     STATS.cascade_shared_rows += sum(1 for g in groups.request_group if g >= 0)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied when it does not start on 16 bytes (the rows of a mixed step's decode part
+    start at any row): Triton specializes pointers on 16-byte alignment, so a misaligned view
+    would compile a second variant of the kernel that reads it, mid-run."""
+    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _cumsum(values: list[int]) -> list[int]:
