@@ -3,8 +3,11 @@
 Targets (SGLang 0.5.17):
 - `Scheduler._get_new_batch_prefill_raw`, AROUND: the adapter shows SGLang only the waiting
   requests the policy admits, in the policy's order, while SGLang's own PrefillAdder builds the
-  batch (token budget, request slots, chunking, radix matching stay SGLang's). With mixed
-  steps on, the decode rows are added to the prefill token budget instead of taken from it.
+  batch (token budget, request slots, chunking, radix matching stay SGLang's). Mixed steps
+  (running decodes riding with the prefill) are SGLang's `is_mixed_chunk`, set per round to the
+  adapter's decision (while admission is memory-bound; every round with the user's own
+  `--enable-mixed-chunk`); when on, the decode rows are added to the prefill token budget
+  instead of taken from it.
 - `Scheduler._add_request_to_queue`, AFTER: arrivals and retracted requests coming back.
 - `sglang.srt.mem_cache.common.release_kv_cache`, AROUND: a request's KV was released
   (finished, aborted, retracted); HookRegistry propagates it to every module that imported it.
@@ -64,45 +67,59 @@ def _get_adapter(scheduler):
             from sglang_batchllm.runtime.metrics import BatchLLMMetrics
 
             _adapter.metrics = BatchLLMMetrics({"tp_rank": str(scheduler.ps.tp_rank)})
-        _setup_mixed(scheduler)
+        _adapter.may_mix = _setup_mixed(scheduler, _adapter)
     return _adapter
 
 
-def _setup_mixed(scheduler) -> None:
+def _setup_mixed(scheduler, adapter) -> bool:
+    """May this scheduler mix decodes into prefill batches? With the user's own
+    `--enable-mixed-chunk` (SGLang set `is_mixed_chunk` at init) it mixes every round, as SGLang
+    does; otherwise BatchLLM's rule decides per round."""
+    if scheduler.is_mixed_chunk:
+        adapter.always_mix = True
+        if scheduler.ps.tp_rank == 0:
+            logger.info("sglang_batchllm: mixed steps in every prefill round (--enable-mixed-chunk)")
+        return True
     backend = scheduler.server_args.attention_backend
     if not _config.mixed:
-        return
+        return False
     if not scheduler.spec_algorithm.is_none() or scheduler.dllm_config is not None:
         logger.warning("sglang_batchllm: mixed steps off: SGLang does not mix with speculative decoding or dLLM")
-        return
+        return False
     if scheduler.chunked_prefill_size is None:
         logger.warning("sglang_batchllm: mixed steps off: they need chunked prefill (--chunked-prefill-size > 0)")
-        return
+        return False
     if backend not in MIXED_ATTENTION_BACKENDS:
         logger.warning(
             "sglang_batchllm: mixed steps off: attention backend %r runs the decode rows of a mixed step "
             "through its prefill kernel (2x slower measured on SGLang's triton backend); use "
             "--attention-backend batchllm, or --batchllm-mixed 0 to silence this", backend)
-        return
-    scheduler.is_mixed_chunk = True
+        return False
     if scheduler.ps.tp_rank == 0:
-        logger.info("sglang_batchllm: mixed steps on: running decodes ride with every prefill chunk")
+        logger.info("sglang_batchllm: mixed steps on: running decodes ride with the prefill while "
+                    "waiting requests wait for KV memory")
+    return True
 
 
 def _around_prefill_raw(original, self, *args, **kwargs):
     adapter = _get_adapter(self)
     running_batch = kwargs.get("running_batch", args[1] if len(args) > 1 else None)
-    bump = len(running_batch.reqs) if (self.is_mixed_chunk and running_batch is not None) else 0
-    saved = (self.chunked_prefill_size, self.max_prefill_tokens)
-    if bump:
-        # PrefillAdder takes the mixed decode rows out of the prefill budgets; give them back:
-        # a decode row is one token of matmul work, not a prefill-sized slice of the chunk.
-        self.chunked_prefill_size += bump
-        self.max_prefill_tokens += bump
-    try:
-        return adapter.prefill_round(self, running_batch, lambda: original(self, *args, **kwargs))
-    finally:
-        self.chunked_prefill_size, self.max_prefill_tokens = saved
+
+    def run(mix: bool):
+        bump = len(running_batch.reqs) if (mix and running_batch is not None) else 0
+        saved = (self.is_mixed_chunk, self.chunked_prefill_size, self.max_prefill_tokens)
+        self.is_mixed_chunk = mix
+        if bump:
+            # PrefillAdder takes the mixed decode rows out of the prefill budgets; give them
+            # back: a decode row is one token of matmul work, not a prefill-sized slice.
+            self.chunked_prefill_size += bump
+            self.max_prefill_tokens += bump
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self.is_mixed_chunk, self.chunked_prefill_size, self.max_prefill_tokens = saved
+
+    return adapter.prefill_round(self, running_batch, run)
 
 
 def _after_add_request_to_queue(result, self, req, is_retracted=False, *args, **kwargs):

@@ -69,8 +69,9 @@ class BatchLLMConfig:
     mixed: bool = field(
         default=True,
         metadata=_setting(
-            "Let running decodes ride with every prefill chunk (mixed steps; needs "
-            "--attention-backend batchllm, which runs their attention with the decode kernel).",
+            "Let running decodes ride with the prefill chunks while waiting requests wait for KV "
+            "memory (mixed steps; needs --attention-backend batchllm, which runs their attention "
+            "with the decode kernel; SGLang's --enable-mixed-chunk mixes every chunk).",
         ),
     )
 

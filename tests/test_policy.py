@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from sglang_batchllm.planner import PlannerConfig, PlanRequest
 from sglang_batchllm.planner.session import GroupState, Pin, PlanningSession, Unpin
 from sglang_batchllm.policy import AdmissionConfig, PoolView, plan_admission
-from sglang_batchllm.policy.sim import SimulatedEngine
+from sglang_batchllm.policy.sim import MIX_RULES, SimulatedEngine
 
 CFG = PlannerConfig(page_size=1, levels=1, min_prefix_tokens=4)
 
@@ -168,15 +168,17 @@ def workloads(draw):
         groups.append((g, plen, members))
     capacity = draw(st.integers(160, 900))
     step_tokens = draw(st.integers(8, 200))
-    return groups, capacity, step_tokens, draw(st.integers(0, 3)), draw(st.randoms(use_true_random=False))
+    return (groups, capacity, step_tokens, draw(st.integers(0, 3)), draw(st.randoms(use_true_random=False)),
+            draw(st.sampled_from(MIX_RULES)))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(workloads())
 def test_simulated_engine_properties(w):
-    groups, capacity, step_tokens, waves, rnd = w
+    groups, capacity, step_tokens, waves, rnd, mix = w
     reqs = make_batch(groups, seed=rnd.randrange(1000))
-    engine = SimulatedEngine(capacity, step_tokens, session=PlanningSession(CFG, max_prefix_tokens=capacity // 2))
+    engine = SimulatedEngine(capacity, step_tokens, session=PlanningSession(CFG, max_prefix_tokens=capacity // 2),
+                             mix=mix)
     # the batch arrives whole or in a few parts while others run (trickle)
     parts = [reqs] if not waves else [reqs[i::waves + 1] for i in range(waves + 1)]
     engine.submit(parts[0])
@@ -204,6 +206,41 @@ def test_big_batch_runs_in_waves_without_retraction():
     assert len(result.finished) == 960
     assert len(result.prefix_tokens_computed) == 60 and set(result.prefix_tokens_computed.values()) == {40}
     assert max(s.slots_used for s in result.steps) > 1500 * 0.6, "memory is used, not left idle"
+
+
+def _simulate(reqs, capacity, mix, step_tokens=256):
+    engine = SimulatedEngine(capacity=capacity, step_tokens=step_tokens, session=PlanningSession(CFG), mix=mix)
+    engine.submit(reqs)
+    return engine.run()
+
+
+def test_a_batch_that_fits_never_mixes():
+    reqs = authors_like(8, 16, out=20)  # 8 x (40 + 16 x 25) = 3520 slots: everything fits
+    memory, never = _simulate(reqs, 5000, "memory"), _simulate(reqs, 5000, "never")
+    assert memory.steps == never.steps and not any(s.mixed for s in memory.steps)
+    always = _simulate(reqs, 5000, "always")
+    assert sum(s.mixed for s in always.steps) > 0
+
+
+def test_memory_bound_waves_mix_until_the_last_wave_is_admitted():
+    # 40 x (200 + 16 x 71) = 53,440 slots through a pool of 6,000: waves; 64-token steps
+    reqs = authors_like(40, 16, prefix=200, distinct=20, out=50)
+    memory, never, always = (_simulate(reqs, 6000, m, step_tokens=64) for m in ("memory", "never", "always"))
+    for result in (memory, never, always):
+        assert len(result.finished) == 640
+    assert len(memory.steps) < len(never.steps), "decodes that ride free memory sooner"
+    assert memory.end <= never.end
+    mixed = [i for i, s in enumerate(memory.steps) if s.mixed]
+    prefills = [i for i, s in enumerate(memory.steps) if s.prefill_tokens]
+    assert mixed and mixed[-1] < prefills[-1], "the last prefill steps, everything admitted, do not mix"
+    assert sum(s.mixed for s in memory.steps) < sum(s.mixed for s in always.steps)
+
+
+def test_admission_says_when_memory_binds():
+    s = PlanningSession(CFG)
+    s.add(authors_like(4, 4))  # each group 68 slots
+    assert not plan_admission(s, PoolView(capacity=1000, free=1000, running_need=0)).memory_bound
+    assert plan_admission(s, PoolView(capacity=1000, free=150, running_need=0)).memory_bound
 
 
 _DECISIONS = """

@@ -225,6 +225,7 @@ class MiniScheduler:
         self.on_step = None  # a callback(sched) run at the start of every step (arrivals, aborts)
         self.retract_at_decode: set[int] = set()  # decode steps (1-based) that retract
         self.retracted: list[str] = []
+        self.mix_asks: list[bool] = []  # per prefill round: did the adapter ask for a mixed step
         self._pending_chunked_abort_req: Req | None = None
         self._next_token = OUTPUT_TOKEN_BASE
 
@@ -285,7 +286,11 @@ class MiniScheduler:
                     self.running_batch.merge_batch(last)
 
         running = self.running_batch
-        new_batch, self.running_batch = self.adapter.prefill_round(self, running, lambda: self._prefill_raw(running))
+        def run(mix: bool):
+            self.mix_asks.append(mix)  # the mini scheduler never mixes; the test reads the asks
+            return self._prefill_raw(running)
+
+        new_batch, self.running_batch = self.adapter.prefill_round(self, running, run)
 
         if new_batch is not None:
             self.prefill_steps += 1
@@ -538,9 +543,11 @@ def planned_prefill(groups: int, members: int, prefix_len: int = 48, suffix_len:
 @pytest.mark.parametrize("page_size", [1, 16])
 def test_shuffled_groups_prefix_computed_once(page_size):
     sched = MiniScheduler(page_size=page_size, pool_tokens=2048)
+    sched.adapter.may_mix = True
     reqs = batch_of_groups(range(6), 5)
     sched.submit(reqs)
     sched.run()
+    assert sched.mix_asks and not any(sched.mix_asks), "everything fits: no round waits for memory"
 
     assert_all_finished_once(sched, reqs)
     assert sched.extend_tokens == planned_prefill(6, 5)
@@ -565,9 +572,12 @@ def test_shuffled_groups_prefix_computed_once(page_size):
 @pytest.mark.parametrize("page_size, pool_tokens", [(1, 600), (16, 640)])
 def test_batch_far_larger_than_the_pool_runs_in_waves_without_retraction(page_size, pool_tokens):
     sched = MiniScheduler(page_size=page_size, pool_tokens=pool_tokens)
+    sched.adapter.may_mix = True
     reqs = batch_of_groups(range(20), 5, seed=1)
     sched.submit(reqs)
     sched.run()
+    # mixed steps while groups wait for memory, none once the last group is in
+    assert any(sched.mix_asks) and not sched.mix_asks[-1]
 
     assert_all_finished_once(sched, reqs)
     assert sched.extend_tokens == planned_prefill(20, 5)
@@ -576,6 +586,10 @@ def test_batch_far_larger_than_the_pool_runs_in_waves_without_retraction(page_si
     # waves: never all 20 prefixes pinned at once (20 * 48 > 600)
     assert sched.max_pinned < 20 * 48
     sched.assert_drained()
+    off = MiniScheduler(page_size=page_size, pool_tokens=pool_tokens)
+    off.submit(batch_of_groups(range(20), 5, seed=1))
+    off.run()
+    assert off.mix_asks and not any(off.mix_asks), "never asked where mixed steps are off"
 
 
 def _group(sched: MiniScheduler, g: int):
@@ -849,3 +863,26 @@ def test_decode_budget_reserves_known_budgets_whole_and_caps_early_stoppers():
     assert decode_budget(req(9000, True), 4096) == 4096, "clipped like SGLang's own estimate"
     assert decode_budget(req(100, False), 4096) == 100
     assert decode_budget(req(None, False), 4096) == EOS_RESERVE_TOKENS, "chat with max_tokens unset"
+
+
+@pytest.mark.parametrize("mix", [True, False])
+def test_the_patch_sets_mixing_and_its_budgets_for_one_round_only(monkeypatch, mix):
+    from patches import scheduler as patch
+
+    class Adapter:  # asks for the round the test wants
+        def prefill_round(self, scheduler, running_batch, run):
+            return run(mix)
+
+    sched = SimpleNamespace(is_mixed_chunk=False, chunked_prefill_size=8192, max_prefill_tokens=16384)
+    running = SimpleNamespace(reqs=[object()] * 5)
+    seen = []
+
+    def original(self, prefill_delayer_single_pass, running_batch):  # SGLang 0.5.17's signature
+        seen.append((self.is_mixed_chunk, self.chunked_prefill_size, self.max_prefill_tokens))
+        return "batch", running_batch
+
+    monkeypatch.setattr(patch, "_adapter", Adapter())
+    assert patch._around_prefill_raw(original, sched, None, running) == ("batch", running)
+    # mixed: the 5 decode rows go on top of the prefill budgets, not out of them
+    assert seen == [(True, 8197, 16389)] if mix else [(False, 8192, 16384)]
+    assert (sched.is_mixed_chunk, sched.chunked_prefill_size, sched.max_prefill_tokens) == (False, 8192, 16384)

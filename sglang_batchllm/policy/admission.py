@@ -26,6 +26,16 @@ Rules (BatchLLM section 2-3), applied every time the scheduler forms a prefill b
    even if it does not fit as a whole: its members then enter one by one as memory frees,
    so a group larger than the pool runs in waves instead of deadlocking.
 
+6. **Mixed steps while memory binds.** `memory_bound` says some waiting request could not be
+   offered (or its group opened) for lack of KV memory, not for the step's token budget. Only
+   then do running decodes ride with the prefill (`runtime/scheduler.py`): they finish sooner
+   and free the memory the waiting ones need, so the job takes fewer steps. Once everything
+   waiting is offered or reserved, the last requests admitted need a full tail of decode steps
+   anyway and the running decodes fit in those; riding along would only move them from decode
+   steps into compute-bound prefill steps. Measured on an H200 (docs/benchmarks.md, fourth
+   session): everything fits (short-prefix) 13.08 s mixing always, 12.41 s never; memory binds
+   (decode-heavy, in waves) 55.24 s mixing always, 60.43 s never.
+
 The step's token budget (how many of the offered prompt tokens run in this step) is SGLang's
 chunked-prefill budget; see `runtime/scheduler.py` for how decode rows ride with it.
 
@@ -87,6 +97,7 @@ class Admission:
     headroom: int
     held: tuple[int, ...] = ()  # groups whose leader is held back to gather (memory reserved)
     release_at: float | None = None  # the earliest `now` at which a held group stops being held
+    memory_bound: bool = False  # a waiting request waits for KV memory (rule 6: mix decodes)
 
 
 def hold_until(group: LiveGroup, config: AdmissionConfig) -> float:
@@ -136,6 +147,7 @@ def plan_admission(
     claimed = 0  # reservations of the open groups seen so far that stay unspent this round
     offer: list[str] = []
     late: list[tuple[str, int]] = []
+    memory_bound = False
 
     # 1. members of cached groups, oldest group first. A group's reservation is its own, and
     #    the groups before it have the first claim on memory, so the oldest open group can
@@ -156,6 +168,7 @@ def plan_admission(
                     available -= cost
                     spendable -= cost
                 else:
+                    memory_bound = True
                     break  # members run in the group's order
         claimed += _claim(session, g, costs) - sum(c for rid, c in zip(g.pending, costs) if rid in taken)
     reserved = claimed
@@ -166,6 +179,8 @@ def plan_admission(
         if cost <= headroom:
             offer.append(rid)
             headroom -= cost
+        else:
+            memory_bound = True
 
     # 3. open waiting groups in plan order while the whole group fits
     opened: list[int] = []
@@ -177,8 +192,10 @@ def plan_admission(
         if g.state is not GroupState.WAITING:
             continue
         cost = group_cost(session, g, page, clip)
-        if cost > headroom and not (idle and not opened and not offer and not held):
-            break
+        if cost > headroom:
+            memory_bound = True
+            if not (idle and not opened and not offer and not held):
+                break
         headroom -= cost  # a held group keeps its place in the plan order and its memory
         if hold:
             until = hold_until(g, config)
@@ -188,7 +205,8 @@ def plan_admission(
                 continue
         offer.append(g.pending[0])
         opened.append(g.gid)
-    return Admission(tuple(offer), tuple(opened), reserved, headroom, tuple(held), release_at)
+    return Admission(tuple(offer), tuple(opened), reserved, headroom, tuple(held), release_at,
+                     memory_bound)
 
 
 def running_need(prompt_left: int, max_new_tokens: int, output_len: int, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:

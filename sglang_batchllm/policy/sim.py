@@ -9,9 +9,11 @@ It follows SGLang's step structure closely enough for the properties that matter
   members of a group whose prefix is pinned compute only their own tokens;
 - a leader's prefix counts as cached once its prefill is complete; the adapter's role is then
   played by `_pin_ready_prefixes` (pin it, move its slots from the leader to the pin);
-- every running request whose prompt is complete decodes one token per step (decode rows ride
-  with the prefill, as BatchLLM's mixed steps do); a request that reached its budget finishes
-  and its own slots return to the pool (the radix cache's evictable part counts as free).
+- every running request whose prompt is complete decodes one token per step; in a step that
+  also prefills, only when the step mixes (`mix`: "memory", the engine's rule, mixes while
+  admission is memory-bound, `admission.py` rule 6; "always" / "never"); a request that reached
+  its budget finishes and its own slots return to the pool (the radix cache's evictable part
+  counts as free).
 
 `run()` asserts the pool is never over-committed: that is "no retraction" in SGLang terms.
 
@@ -33,6 +35,9 @@ from sglang_batchllm.planner.inputs import PlanRequest
 from sglang_batchllm.planner.session import GroupState, Pin, PlanningSession, Unpin
 
 from .admission import AdmissionConfig, PoolView, plan_admission, running_need
+
+
+MIX_RULES = ("memory", "always", "never")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class StepRecord:
     admitted: int
     start: float = 0.0
     held: int = 0  # groups held back to gather this step
+    mixed: bool = False  # it prefilled and the running decodes rode with it
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,10 @@ class SimResult:
 class SimulatedEngine:
     def __init__(self, capacity: int, step_tokens: int, page_size: int = 1,
                  admission: AdmissionConfig = AdmissionConfig(), session: PlanningSession | None = None,
-                 time_model: TimeModel | None = None):
+                 time_model: TimeModel | None = None, mix: str = "memory"):
+        if mix not in MIX_RULES:
+            raise ValueError(f"mix must be one of {', '.join(MIX_RULES)}, not {mix!r}")
+        self.mix = mix
         self.capacity, self.step_tokens, self.page_size = capacity, step_tokens, page_size
         self.admission = admission
         self.session = session or PlanningSession()
@@ -166,7 +175,9 @@ class SimulatedEngine:
         self._deliver()
         self._pin_ready_prefixes()
         budget, prefill, admitted = self.step_tokens, 0, 0
+        prefilled = set()  # requests that computed prompt tokens in this step
         if self.chunked is not None:  # the in-flight chunk goes first, as in SGLang
+            prefilled.add(self.chunked.rid)
             prefill += self._prefill(self.chunked, budget)
             budget = self.step_tokens - prefill
         adm = plan_admission(self.session, self.pool(), self.admission, now=self.now)
@@ -191,13 +202,18 @@ class SimulatedEngine:
                 self.result.prefix_len_of[group.gid] = group.prefix_len
             self.running[rid] = sim
             admitted += 1
+            prefilled.add(rid)
             done = self._prefill(sim, budget)
             prefill += done
             budget -= done
         decode, context, done = 0, 0, []
+        mixes = self.mix == "always" or (self.mix == "memory" and adm.memory_bound)
         for rid, r in list(self.running.items()):
             if not r.prompt_done or r is self.chunked:
                 continue
+            if prefill and not mixes and rid not in prefilled:
+                continue  # a prefill step without decode rows (a prompt finished in it still
+                # samples its first token, as SGLang's prefill does)
             if r.output < r.max_new_tokens:
                 r.output += 1
                 r.own_slots += 1
@@ -209,7 +225,8 @@ class SimulatedEngine:
                 self._apply(self.session.finished(rid))
         used = self.used_slots()
         assert used <= self.capacity, f"KV pool over-committed: {used} > {self.capacity} (a retraction)"
-        rec = StepRecord(prefill, decode, used, admitted, start=self.now, held=len(adm.held))
+        rec = StepRecord(prefill, decode, used, admitted, start=self.now, held=len(adm.held),
+                         mixed=bool(prefill) and mixes)
         self.result.steps.append(rec)
         self.result.prefill_tokens += prefill
         if prefill or decode:

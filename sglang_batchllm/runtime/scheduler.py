@@ -9,8 +9,11 @@ from four places of SGLang's scheduler:
   that arrived in one message (`Engine.generate(list)`, a batch `/generate`) is planned whole.
 - `prefill_round(scheduler, running_batch, run)`: SGLang is about to form a prefill batch.
   The adapter plans the buffered arrivals, pins the prefixes that became cached, asks the
-  policy which waiting requests may run, shows SGLang only those (in that order) while `run`
-  builds the batch, then records who was admitted.
+  policy which waiting requests may run, shows SGLang only those (in that order) while
+  `run(mix)` builds the batch, then records who was admitted. `mix` says whether the running
+  decodes ride with this prefill: while admission is memory-bound (`policy/admission.py`
+  rule 6), or always when `always_mix` is set (the user asked for SGLang's
+  `--enable-mixed-chunk`).
 - `on_released(req)`: SGLang released a request's KV (finished, aborted or retracted).
 - `on_retract(n)`: a decode batch retracted n requests (counted and logged: the policy's
   reservations are meant to make this never happen on a batch job).
@@ -103,6 +106,8 @@ class SchedulerAdapter:
         self._pins: dict[int, Any] = {}  # gid -> the cache's pin handle
         self._unmanaged: set[str] = set()  # requests the session could not take (logged)
         self.metrics = None  # a runtime.metrics.BatchLLMMetrics when --enable-metrics is on
+        self.may_mix = False  # mixed steps possible at all (backend, chunked prefill, settings)
+        self.always_mix = False  # mix decodes into every prefill, not only while memory binds
         STATS.active = True
 
     # ---- arrivals -------------------------------------------------------------------------
@@ -158,10 +163,12 @@ class SchedulerAdapter:
             )
 
     # ---- one prefill round -------------------------------------------------------------------
-    def prefill_round(self, scheduler: Any, running_batch: Any, run: Callable[[], Any]) -> Any:
+    def prefill_round(self, scheduler: Any, running_batch: Any, run: Callable[[bool], Any]) -> Any:
         self._plan_arrivals()
         if self.session.pending == 0 and not self._unmanaged:
-            result = run()  # nothing waits (a decode stretch): keep the step's CPU time flat
+            # nothing waits (a decode stretch, or the last chunks of a prompt): keep the step's
+            # CPU time flat; nothing waits for memory, so the decodes do not ride
+            result = run(self.may_mix and self.always_mix)
             self._update_gauges()
             return result
         self._forget_aborted(scheduler.waiting_queue)
@@ -173,8 +180,9 @@ class SchedulerAdapter:
         offered = [self._reqs[rid] for rid in decision.offer]
         offered += [r for r in full_queue if r.rid in self._unmanaged]
         scheduler.waiting_queue = offered
+        mix = self.may_mix and (self.always_mix or decision.memory_bound)
         try:
-            result = run()
+            result = run(mix)
         finally:
             left = scheduler.waiting_queue  # what SGLang did not take (plus anything it re-queued)
             taken = {id(r) for r in offered} - {id(r) for r in left}
