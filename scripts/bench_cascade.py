@@ -228,6 +228,17 @@ TUNE_CONFIGS = [None, (64, 128, 16, 64, 4, 3), (64, 32, 16, 64, 4, 3)] + [
     for stages in (2, 3, 4)
 ]
 
+# --tune, extend: the prefill rows of an authors' mixed step whose members share a cached
+# prefix (3 groups x 12 members, prefix 2000, 200 new tokens each: 7,200 query tokens)
+EXTEND_TUNE_SHAPE = dict(group_sizes=[12] * 3, q_len=200, suffix=200)
+EXTEND_TUNE_CONFIGS = [None] + [
+    (rows, n, rows, n, warps, stages)
+    for rows in (64, 128)
+    for n in (32, 64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3)
+]
+
 
 def decode_case(args, results, page_size=16, configs=DECODE_CONFIGS, label="decode",
                 group_sizes=(16,) * 64, suffixes=None):
@@ -298,7 +309,8 @@ def decode_case(args, results, page_size=16, configs=DECODE_CONFIGS, label="deco
     torch.cuda.empty_cache()
 
 
-def extend_case(args, results, label, group_sizes, q_len, suffix, configs=EXTEND_CONFIGS):
+def extend_case(args, results, label, group_sizes, q_len, suffix, configs=EXTEND_CONFIGS,
+                packings=("auto", "always", "never")):
     batch = synthetic.make_batch(
         group_sizes=group_sizes, prefix_lens=[2000], suffix_lens=[suffix], q_lens=[q_len],
         num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, page_size=16, dtype=DTYPE, device=DEV,
@@ -311,7 +323,7 @@ def extend_case(args, results, label, group_sizes, q_len, suffix, configs=EXTEND
     row = {"case": label, "unique_kv_bytes": unique_kv_bytes(batch), "configs": {}}
     best = None
     for cfg in configs:
-        for packing in ("auto", "always", "never") if cfg is not None else ("auto",):
+        for packing in packings if cfg is not None else ("auto",):
             try:
                 run, plan, plan_ms = cascade_runner(batch, cfg, prefix_packing=packing)
                 check(f"cascade {cfg or 'default'} {packing}", run(), ref)
@@ -382,10 +394,15 @@ def extend_sweep(args, results, extend_cfg):
 
 
 def _print_configs(row, bw):
+    """Every config of a tuned case, fastest first: decode against its HBM floor, extend
+    (compute-bound) against SGLang's kernel on the same batch."""
     floor_ms = row["unique_kv_bytes"] / bw * 1e3
-    print(f"[{row['case']}] floor {floor_ms:.3f} ms; default {row['default_config']}")
+    decode = row["case"].startswith("decode")
+    head = f"floor {floor_ms:.3f} ms" if decode else f"sglang {row['sglang_ms']:.3f} ms"
+    print(f"[{row['case']}] {head}; default {row['default_config']} {row['default_ms']:.3f} ms")
     for cfg, ms in sorted(row["configs"].items(), key=lambda kv: kv[1]):
-        print(f"  {cfg:<32} {ms:.3f} ms  {100 * floor_ms / ms:5.1f}% of floor")
+        rel = f"{100 * floor_ms / ms:5.1f}% of floor" if decode else f"{row['sglang_ms'] / ms:5.2f}x sglang"
+        print(f"  {cfg:<40} {ms:.3f} ms  {rel}")
 
 
 def main():
@@ -394,7 +411,8 @@ def main():
     parser.add_argument("--no-sweep", action="store_true", help="skip the cost-model sweeps")
     parser.add_argument("--json", type=str, default=None, help="write all numbers here")
     parser.add_argument("--tune", action="store_true",
-                        help="only the engine-shaped decode step, over a grid of tile shapes")
+                        help="only the engine-shaped decode step and an authors-shaped prefill, "
+                             "each over a grid of tile shapes")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     props = torch.cuda.get_device_properties(0)
@@ -412,7 +430,11 @@ def main():
     else:
         decode_case(args, results)
         decode_case(args, results, page_size=1, configs=[None], label="decode page 1")
-    if not args.tune:
+    if args.tune:
+        extend_case(args, results, "extend tune", configs=EXTEND_TUNE_CONFIGS, packings=("auto",),
+                    **EXTEND_TUNE_SHAPE)
+        _print_configs(results["cases"][-1], bw)
+    else:
         extend_case(args, results, "extend E1", [4] * 8, q_len=256, suffix=256)
         extend_case(args, results, "extend E2", [16] * 32, q_len=16, suffix=16)
     for line in kernel_report():
