@@ -5,7 +5,7 @@ Targets (SGLang 0.5.17):
   requests the policy admits, in the policy's order, while SGLang's own PrefillAdder builds the
   batch (token budget, request slots, chunking, radix matching stay SGLang's). Mixed steps
   (running decodes riding with the prefill) are SGLang's `is_mixed_chunk`, set per round to the
-  adapter's decision (while admission is memory-bound; every round with the user's own
+  adapter's decision (`policy/admission.py` rule 6; every round with the user's own
   `--enable-mixed-chunk`); when on, the decode rows are added to the prefill token budget
   instead of taken from it.
 - `Scheduler._add_request_to_queue`, AFTER: arrivals and retracted requests coming back.
@@ -96,8 +96,8 @@ def _setup_mixed(scheduler, adapter) -> bool:
             "--attention-backend batchllm, or --batchllm-mixed 0 to silence this", backend)
         return False
     if scheduler.ps.tp_rank == 0:
-        logger.info("sglang_batchllm: mixed steps on: running decodes ride with the prefill while "
-                    "waiting requests wait for KV memory")
+        logger.info("sglang_batchllm: mixed steps on: running decodes ride with the prefill unless "
+                    "a known tail of waiting work carries them")
     return True
 
 

@@ -69,9 +69,10 @@ class BatchLLMConfig:
     mixed: bool = field(
         default=True,
         metadata=_setting(
-            "Let running decodes ride with the prefill chunks while waiting requests wait for KV "
-            "memory (mixed steps; needs --attention-backend batchllm, which runs their attention "
-            "with the decode kernel; SGLang's --enable-mixed-chunk mixes every chunk).",
+            "Let running decodes ride with the prefill chunks (mixed steps), except while more "
+            "prompt work waits than one step takes and none of it waits for KV memory; needs "
+            "--attention-backend batchllm, which runs their attention with the decode kernel "
+            "(SGLang's --enable-mixed-chunk mixes every chunk).",
         ),
     )
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sglang_batchllm.planner import PlannerConfig, PlanRequest
 from sglang_batchllm.planner.session import GroupState, Pin, PlanningSession, Unpin
-from sglang_batchllm.policy import AdmissionConfig, PoolView, plan_admission
+from sglang_batchllm.policy import AdmissionConfig, PoolView, mixes, plan_admission
 from sglang_batchllm.policy.sim import MIX_RULES, SimulatedEngine
 
 CFG = PlannerConfig(page_size=1, levels=1, min_prefix_tokens=4)
@@ -214,33 +214,47 @@ def _simulate(reqs, capacity, mix, step_tokens=256):
     return engine.run()
 
 
-def test_a_batch_that_fits_never_mixes():
+def _mixed_and_plain_prefills(result):
+    mixed = [i for i, s in enumerate(result.steps) if s.mixed]
+    plain = [i for i, s in enumerate(result.steps) if s.prefill_tokens and not s.mixed]
+    return mixed, plain
+
+
+def test_a_batch_that_fits_mixes_only_once_its_waiting_work_fits_one_step():
     reqs = authors_like(8, 16, out=20)  # 8 x (40 + 16 x 25) = 3520 slots: everything fits
-    memory, never = _simulate(reqs, 5000, "memory"), _simulate(reqs, 5000, "never")
-    assert memory.steps == never.steps and not any(s.mixed for s in memory.steps)
-    always = _simulate(reqs, 5000, "always")
-    assert sum(s.mixed for s in always.steps) > 0
+    rule, always = _simulate(reqs, 5000, "rule"), _simulate(reqs, 5000, "always")
+    mixed, plain = _mixed_and_plain_prefills(rule)
+    assert plain and mixed and min(mixed) > max(plain), "the known tail carries the decodes until the end"
+    assert len(mixed) < sum(s.mixed for s in always.steps)
+    assert len(rule.steps) == len(_simulate(reqs, 5000, "never").steps)
 
 
 def test_memory_bound_waves_mix_until_the_last_wave_is_admitted():
     # 40 x (200 + 16 x 71) = 53,440 slots through a pool of 6,000: waves; 64-token steps
     reqs = authors_like(40, 16, prefix=200, distinct=20, out=50)
-    memory, never, always = (_simulate(reqs, 6000, m, step_tokens=64) for m in ("memory", "never", "always"))
+    memory, never, always = (_simulate(reqs, 6000, m, step_tokens=64) for m in ("rule", "never", "always"))
     for result in (memory, never, always):
         assert len(result.finished) == 640
     assert len(memory.steps) < len(never.steps), "decodes that ride free memory sooner"
     assert memory.end <= never.end
-    mixed = [i for i, s in enumerate(memory.steps) if s.mixed]
-    prefills = [i for i, s in enumerate(memory.steps) if s.prefill_tokens]
-    assert mixed and mixed[-1] < prefills[-1], "the last prefill steps, everything admitted, do not mix"
+    mixed, plain = _mixed_and_plain_prefills(memory)
+    assert mixed and plain and min(plain) > min(mixed), "waves mix; once all is admitted the tail carries them"
     assert sum(s.mixed for s in memory.steps) < sum(s.mixed for s in always.steps)
 
 
-def test_admission_says_when_memory_binds():
+def test_admission_says_when_memory_binds_and_what_waits():
     s = PlanningSession(CFG)
-    s.add(authors_like(4, 4))  # each group 68 slots
-    assert not plan_admission(s, PoolView(capacity=1000, free=1000, running_need=0)).memory_bound
-    assert plan_admission(s, PoolView(capacity=1000, free=150, running_need=0)).memory_bound
+    s.add(authors_like(4, 4))  # each group 68 slots: 44 + 3 x 4 prompt tokens to compute
+    free = plan_admission(s, PoolView(capacity=1000, free=1000, running_need=0))
+    assert not free.memory_bound and free.waiting_tokens == 4 * (44 + 3 * 4)
+    assert not mixes(free, 200) and mixes(free, 224)
+    bound = plan_admission(s, PoolView(capacity=1000, free=150, running_need=0))
+    assert bound.memory_bound and mixes(bound, 0)
+    for rid in free.offer:  # leaders admitted, prefixes cached: members compute 4 tokens each
+        s.admitted(rid)
+    for gid in free.opened:
+        s.prefix_cached(gid)
+    assert plan_admission(s, PoolView(capacity=1000, free=1000, running_need=0)).waiting_tokens == 4 * 3 * 4
 
 
 _DECISIONS = """

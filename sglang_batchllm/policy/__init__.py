@@ -5,6 +5,6 @@ waiting requests SGLang may prefill now; `sim.SimulatedEngine` drives it against
 pool in the tests. No torch or SGLang imports.
 """
 
-from .admission import Admission, AdmissionConfig, PoolView, plan_admission, running_need
+from .admission import Admission, AdmissionConfig, PoolView, mixes, plan_admission, running_need
 
-__all__ = ["Admission", "AdmissionConfig", "PoolView", "plan_admission", "running_need"]
+__all__ = ["Admission", "AdmissionConfig", "PoolView", "mixes", "plan_admission", "running_need"]

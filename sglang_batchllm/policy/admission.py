@@ -26,15 +26,19 @@ Rules (BatchLLM section 2-3), applied every time the scheduler forms a prefill b
    even if it does not fit as a whole: its members then enter one by one as memory frees,
    so a group larger than the pool runs in waves instead of deadlocking.
 
-6. **Mixed steps while memory binds.** `memory_bound` says some waiting request could not be
-   offered (or its group opened) for lack of KV memory, not for the step's token budget. Only
-   then do running decodes ride with the prefill (`runtime/scheduler.py`): they finish sooner
-   and free the memory the waiting ones need, so the job takes fewer steps. Once everything
-   waiting is offered or reserved, the last requests admitted need a full tail of decode steps
-   anyway and the running decodes fit in those; riding along would only move them from decode
-   steps into compute-bound prefill steps. Measured on an H200 (docs/benchmarks.md, fourth
-   session): everything fits (short-prefix) 13.08 s mixing always, 12.41 s never; memory binds
-   (decode-heavy, in waves) 55.24 s mixing always, 60.43 s never.
+6. **Mixed steps unless a known tail carries the decodes** (`mixes`). Running decodes ride with
+   the prefill (`runtime/scheduler.py`) unless (a) no waiting request waits for KV memory
+   (`memory_bound` is false) and (b) the prompt tokens still to compute of every waiting
+   request (`waiting_tokens`) exceed this step's prefill budget. Then the requests admitted
+   last, one or more steps from now, will need a full tail of decode steps after their prefill,
+   and the running decodes fit in those steps: riding along now would only move them from
+   decode steps into compute-bound prefill steps, for no step saved. When memory binds, the
+   ride finishes running requests sooner and frees the memory the waiting ones need (fewer
+   steps in all); when the known waiting work fits this step (requests trickling in, the last
+   chunks of a batch, an online server), no tail is known and each mixed round saves a decode
+   step. Measured on an H200 (docs/benchmarks.md, fourth session), every round mixed against
+   none: decode-heavy (memory binds, waves) 55.24 s against 60.43 s; short-prefix (everything
+   fits, 323k prompt tokens waiting) 13.08 s against 12.41 s.
 
 The step's token budget (how many of the offered prompt tokens run in this step) is SGLang's
 chunked-prefill budget; see `runtime/scheduler.py` for how decode rows ride with it.
@@ -97,7 +101,10 @@ class Admission:
     headroom: int
     held: tuple[int, ...] = ()  # groups whose leader is held back to gather (memory reserved)
     release_at: float | None = None  # the earliest `now` at which a held group stops being held
-    memory_bound: bool = False  # a waiting request waits for KV memory (rule 6: mix decodes)
+    memory_bound: bool = False  # a waiting request waits for KV memory (rule 6)
+    # prompt tokens the waiting requests still compute (cached prefixes excluded); exact when
+    # memory_bound is false, a lower bound otherwise (the scan stops at what does not fit)
+    waiting_tokens: int = 0
 
 
 def hold_until(group: LiveGroup, config: AdmissionConfig) -> float:
@@ -108,23 +115,33 @@ def hold_until(group: LiveGroup, config: AdmissionConfig) -> float:
     return group.born + min(config.gather_s, worth)
 
 
-def request_cost(member: Member, group: LiveGroup, page_size: int, clip: int) -> int:
-    """KV slots `member` will allocate from admission to finish. Members of a cached group
-    compute only their own tokens; a leader (or an unshared request) computes its prompt.
-    One page of slack covers the rounding of its last page."""
+def request_prefill(member: Member, group: LiveGroup) -> int:
+    """Prompt tokens `member` computes: its own tokens once its group's prefix is cached; a
+    leader (or an unshared request) computes its whole prompt."""
     cached = group.prefix_len if group.is_shared and group.state is not GroupState.WAITING else 0
-    return member.prompt_len - cached + min(member.max_new_tokens, clip) + page_size
+    return member.prompt_len - cached
 
 
-def group_cost(session: PlanningSession, group: LiveGroup, page_size: int, clip: int) -> int:
-    """Everything a waiting group will need: the leader's whole prompt, the other members'
-    own tokens, every decode budget."""
+def request_cost(member: Member, group: LiveGroup, page_size: int, clip: int) -> int:
+    """KV slots `member` will allocate from admission to finish: its prompt tokens to compute,
+    its decode budget, and one page of slack for the rounding of its last page."""
+    return request_prefill(member, group) + min(member.max_new_tokens, clip) + page_size
+
+
+def group_prefill(session: PlanningSession, group: LiveGroup) -> int:
+    """Prompt tokens a waiting group computes: the leader's prompt, the others' own tokens."""
     total = 0
     for i, rid in enumerate(group.pending):
         m = session.member(rid)
-        own = m.prompt_len if i == 0 or not group.is_shared else m.prompt_len - group.prefix_len
-        total += own + min(m.max_new_tokens, clip) + page_size
+        total += m.prompt_len if i == 0 or not group.is_shared else m.prompt_len - group.prefix_len
     return total
+
+
+def group_cost(session: PlanningSession, group: LiveGroup, page_size: int, clip: int) -> int:
+    """Everything a waiting group will need: its prompt tokens to compute, every decode budget
+    and a page of slack per member."""
+    budgets = sum(min(session.member(rid).max_new_tokens, clip) + page_size for rid in group.pending)
+    return group_prefill(session, group) + budgets
 
 
 def _claim(session: PlanningSession, g: LiveGroup, costs: list[int]) -> int:
@@ -148,6 +165,7 @@ def plan_admission(
     offer: list[str] = []
     late: list[tuple[str, int]] = []
     memory_bound = False
+    waiting_tokens = 0
 
     # 1. members of cached groups, oldest group first. A group's reservation is its own, and
     #    the groups before it have the first claim on memory, so the oldest open group can
@@ -156,6 +174,7 @@ def plan_admission(
         if not g.is_shared or g.state is GroupState.WAITING:
             continue
         costs = [request_cost(session.member(r), g, page, clip) for r in g.pending]
+        waiting_tokens += sum(request_prefill(session.member(r), g) for r in g.pending)
         taken: set[str] = set()
         if g.state is GroupState.CACHED:
             available = spendable - claimed
@@ -192,6 +211,7 @@ def plan_admission(
         if g.state is not GroupState.WAITING:
             continue
         cost = group_cost(session, g, page, clip)
+        waiting_tokens += group_prefill(session, g)
         if cost > headroom:
             memory_bound = True
             if not (idle and not opened and not offer and not held):
@@ -206,7 +226,13 @@ def plan_admission(
         offer.append(g.pending[0])
         opened.append(g.gid)
     return Admission(tuple(offer), tuple(opened), reserved, headroom, tuple(held), release_at,
-                     memory_bound)
+                     memory_bound, waiting_tokens)
+
+
+def mixes(decision: Admission, step_budget: int) -> bool:
+    """Rule 6: should the running decodes ride with this round's prefill of at most
+    `step_budget` prompt tokens?"""
+    return decision.memory_bound or decision.waiting_tokens <= step_budget
 
 
 def running_need(prompt_left: int, max_new_tokens: int, output_len: int, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:

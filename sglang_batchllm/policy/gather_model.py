@@ -107,12 +107,13 @@ class Outcome:
 
 def simulate(gather_ms: float, programs: int = 2000, threads: int = 96, shape: ProgramShape = ProgramShape(),
              capacity: int = 800_000, step_tokens: int = 8192, seed: int = 0,
-             config: PlannerConfig = PlannerConfig(page_size=1, levels=1, min_prefix_tokens=32)) -> Outcome:
+             config: PlannerConfig = PlannerConfig(page_size=1, levels=1, min_prefix_tokens=32),
+             mix: str = "rule") -> Outcome:
     rng = random.Random(seed)
     progs = [program_steps(shape, pid, rng) for pid in range(programs)]
     session = PlanningSession(config, max_prefix_tokens=capacity // 2)
     engine = SimulatedEngine(capacity, step_tokens, session=session, time_model=TimeModel(),
-                             admission=AdmissionConfig(gather_s=gather_ms / 1000))
+                             admission=AdmissionConfig(gather_s=gather_ms / 1000), mix=mix)
     TrickleClients(engine, progs, threads, shape.gen_tokens)
     res = engine.run()
     lat = [res.finished_at[r] - res.arrived_at[r] for r in res.finished]

@@ -10,8 +10,8 @@ It follows SGLang's step structure closely enough for the properties that matter
 - a leader's prefix counts as cached once its prefill is complete; the adapter's role is then
   played by `_pin_ready_prefixes` (pin it, move its slots from the leader to the pin);
 - every running request whose prompt is complete decodes one token per step; in a step that
-  also prefills, only when the step mixes (`mix`: "memory", the engine's rule, mixes while
-  admission is memory-bound, `admission.py` rule 6; "always" / "never"); a request that reached
+  also prefills, only when the step mixes (`mix`: "rule", the engine's, `admission.py` rule 6;
+  "always" / "never"); a request that reached
   its budget finishes and its own slots return to the pool (the radix cache's evictable part
   counts as free).
 
@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from sglang_batchllm.planner.inputs import PlanRequest
 from sglang_batchllm.planner.session import GroupState, Pin, PlanningSession, Unpin
 
-from .admission import AdmissionConfig, PoolView, plan_admission, running_need
+from .admission import AdmissionConfig, PoolView, mixes, plan_admission, running_need
 
 
-MIX_RULES = ("memory", "always", "never")
+MIX_RULES = ("rule", "always", "never")
 
 
 @dataclass
@@ -107,7 +107,7 @@ class SimResult:
 class SimulatedEngine:
     def __init__(self, capacity: int, step_tokens: int, page_size: int = 1,
                  admission: AdmissionConfig = AdmissionConfig(), session: PlanningSession | None = None,
-                 time_model: TimeModel | None = None, mix: str = "memory"):
+                 time_model: TimeModel | None = None, mix: str = "rule"):
         if mix not in MIX_RULES:
             raise ValueError(f"mix must be one of {', '.join(MIX_RULES)}, not {mix!r}")
         self.mix = mix
@@ -207,11 +207,11 @@ class SimulatedEngine:
             prefill += done
             budget -= done
         decode, context, done = 0, 0, []
-        mixes = self.mix == "always" or (self.mix == "memory" and adm.memory_bound)
+        mixing = self.mix == "always" or (self.mix == "rule" and mixes(adm, self.step_tokens))
         for rid, r in list(self.running.items()):
             if not r.prompt_done or r is self.chunked:
                 continue
-            if prefill and not mixes and rid not in prefilled:
+            if prefill and not mixing and rid not in prefilled:
                 continue  # a prefill step without decode rows (a prompt finished in it still
                 # samples its first token, as SGLang's prefill does)
             if r.output < r.max_new_tokens:
@@ -226,7 +226,7 @@ class SimulatedEngine:
         used = self.used_slots()
         assert used <= self.capacity, f"KV pool over-committed: {used} > {self.capacity} (a retraction)"
         rec = StepRecord(prefill, decode, used, admitted, start=self.now, held=len(adm.held),
-                         mixed=bool(prefill) and mixes)
+                         mixed=bool(prefill) and mixing)
         self.result.steps.append(rec)
         self.result.prefill_tokens += prefill
         if prefill or decode:

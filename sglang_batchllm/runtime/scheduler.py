@@ -11,8 +11,8 @@ from four places of SGLang's scheduler:
   The adapter plans the buffered arrivals, pins the prefixes that became cached, asks the
   policy which waiting requests may run, shows SGLang only those (in that order) while
   `run(mix)` builds the batch, then records who was admitted. `mix` says whether the running
-  decodes ride with this prefill: while admission is memory-bound (`policy/admission.py`
-  rule 6), or always when `always_mix` is set (the user asked for SGLang's
+  decodes ride with this prefill: as `policy/admission.py` rule 6 says (unless a known tail of
+  waiting work carries them), or always when `always_mix` is set (the user asked for SGLang's
   `--enable-mixed-chunk`).
 - `on_released(req)`: SGLang released a request's KV (finished, aborted or retracted).
 - `on_retract(n)`: a decode batch retracted n requests (counted and logged: the policy's
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from sglang_batchllm.planner import PlanInputError, PlannerConfig, PlanRequest
 from sglang_batchllm.planner.session import GroupState, Pin, PlanningSession, Unpin
-from sglang_batchllm.policy.admission import AdmissionConfig, PoolView, plan_admission, running_need
+from sglang_batchllm.policy.admission import AdmissionConfig, PoolView, mixes, plan_admission, running_need
 
 from .stats import STATS
 
@@ -167,8 +167,8 @@ class SchedulerAdapter:
         self._plan_arrivals()
         if self.session.pending == 0 and not self._unmanaged:
             # nothing waits (a decode stretch, or the last chunks of a prompt): keep the step's
-            # CPU time flat; nothing waits for memory, so the decodes do not ride
-            result = run(self.may_mix and self.always_mix)
+            # CPU time flat; no known work waits, so decodes ride with any chunk (rule 6)
+            result = run(self.may_mix)
             self._update_gauges()
             return result
         self._forget_aborted(scheduler.waiting_queue)
@@ -180,7 +180,8 @@ class SchedulerAdapter:
         offered = [self._reqs[rid] for rid in decision.offer]
         offered += [r for r in full_queue if r.rid in self._unmanaged]
         scheduler.waiting_queue = offered
-        mix = self.may_mix and (self.always_mix or decision.memory_bound)
+        budget = scheduler.chunked_prefill_size or 0
+        mix = self.may_mix and (self.always_mix or mixes(decision, budget))
         try:
             result = run(mix)
         finally:
