@@ -547,10 +547,12 @@ def test_shuffled_groups_prefix_computed_once(page_size):
     reqs = batch_of_groups(range(6), 5)
     sched.submit(reqs)
     sched.run()
-    # everything fits: no round waits for memory, so rounds mix only once the waiting work
-    # fits one step (rule 6); until then the known tail carries the decodes
-    first_mix = sched.mix_asks.index(True)
-    assert first_mix > 0 and all(sched.mix_asks[first_mix:])
+    # everything fits: the round the batch arrived in mixes (nothing runs yet), then rounds
+    # mix only once the waiting work fits one step (rule 6): until then the known tail
+    # carries the decodes
+    assert sched.mix_asks[0]
+    first_mix = sched.mix_asks.index(True, 1)
+    assert first_mix > 1 and not any(sched.mix_asks[1:first_mix]) and all(sched.mix_asks[first_mix:])
 
     assert_all_finished_once(sched, reqs)
     assert sched.extend_tokens == planned_prefill(6, 5)

@@ -207,3 +207,13 @@ def test_the_default_setting_comes_from_the_model():
     TrickleClients(engine, [steps], threads=4, gen_tokens=small.gen_tokens)
     res = engine.run()
     assert res.arrived_at["p0s1"] >= res.finished_at["p0s0"], "step 2 is sent when step 1 is back"
+
+
+def test_closed_loop_clients_keep_mixed_steps():
+    """Rule 6's arrivals clause: clients that send a program's next request when the last one
+    finished make an open system, where the known waiting work is no tail; the rule mixes as
+    often as mixing every round, and beats never mixing."""
+    shape = ProgramShape(documents=5)
+    runs = {m: simulate(5.0, programs=60, threads=16, shape=shape, mix=m) for m in ("rule", "always", "never")}
+    assert runs["rule"].makespan_s <= runs["always"].makespan_s * 1.01
+    assert runs["rule"].makespan_s < runs["never"].makespan_s

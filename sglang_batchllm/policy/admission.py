@@ -34,9 +34,11 @@ Rules (BatchLLM section 2-3), applied every time the scheduler forms a prefill b
    and the running decodes fit in those steps: riding along now would only move them from
    decode steps into compute-bound prefill steps, for no step saved. When memory binds, the
    ride finishes running requests sooner and frees the memory the waiting ones need (fewer
-   steps in all); when the known waiting work fits this step (requests trickling in, the last
-   chunks of a batch, an online server), no tail is known and each mixed round saves a decode
-   step. Measured on an H200 (docs/benchmarks.md, fourth session), every round mixed against
+   steps in all); when the known waiting work fits this step (the last chunks of a batch, an
+   online server), no tail is known and each mixed round saves a decode step; and when
+   requests came in since the last round (`arrivals`: an open system, such as the clients of
+   SGLang's `run_batch`, which send a program's next request when its last one finished),
+   finishing sooner brings the next requests sooner, so the known work is no tail either. Measured on an H200 (docs/benchmarks.md, fourth session), every round mixed against
    none: decode-heavy (memory binds, waves) 55.24 s against 60.43 s; short-prefix (everything
    fits, 323k prompt tokens waiting) 13.08 s against 12.41 s.
 
@@ -229,10 +231,10 @@ def plan_admission(
                      memory_bound, waiting_tokens)
 
 
-def mixes(decision: Admission, step_budget: int) -> bool:
+def mixes(decision: Admission, step_budget: int, arrivals: bool = False) -> bool:
     """Rule 6: should the running decodes ride with this round's prefill of at most
-    `step_budget` prompt tokens?"""
-    return decision.memory_bound or decision.waiting_tokens <= step_budget
+    `step_budget` prompt tokens? `arrivals`: requests came in since the last round."""
+    return arrivals or decision.memory_bound or decision.waiting_tokens <= step_budget
 
 
 def running_need(prompt_left: int, max_new_tokens: int, output_len: int, clip: int = DEFAULT_CLIP_MAX_NEW_TOKENS) -> int:

@@ -138,12 +138,13 @@ class SimulatedEngine:
         heapq.heappush(self._arrivals, (at, self._seq, req))
         self._seq += 1
 
-    def _deliver(self) -> None:
+    def _deliver(self) -> bool:
         batch = []
         while self._arrivals and self._arrivals[0][0] <= self.now:
             batch.append(heapq.heappop(self._arrivals)[2])
         if batch:  # one scheduler round's receive: planned together, as SGLang's adapter does
             self.submit(batch)
+        return bool(batch)
 
     def _apply(self, events) -> None:
         for ev in events:
@@ -172,7 +173,7 @@ class SimulatedEngine:
 
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> StepRecord:
-        self._deliver()
+        arrived = self._deliver()
         self._pin_ready_prefixes()
         budget, prefill, admitted = self.step_tokens, 0, 0
         prefilled = set()  # requests that computed prompt tokens in this step
@@ -207,7 +208,7 @@ class SimulatedEngine:
             prefill += done
             budget -= done
         decode, context, done = 0, 0, []
-        mixing = self.mix == "always" or (self.mix == "rule" and mixes(adm, self.step_tokens))
+        mixing = self.mix == "always" or (self.mix == "rule" and mixes(adm, self.step_tokens, arrived))
         for rid, r in list(self.running.items()):
             if not r.prompt_done or r is self.chunked:
                 continue

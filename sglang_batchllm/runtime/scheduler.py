@@ -164,6 +164,7 @@ class SchedulerAdapter:
 
     # ---- one prefill round -------------------------------------------------------------------
     def prefill_round(self, scheduler: Any, running_batch: Any, run: Callable[[bool], Any]) -> Any:
+        arrivals = bool(self._arrived)  # requests came in since the last round (rule 6)
         self._plan_arrivals()
         if self.session.pending == 0 and not self._unmanaged:
             # nothing waits (a decode stretch, or the last chunks of a prompt): keep the step's
@@ -181,7 +182,7 @@ class SchedulerAdapter:
         offered += [r for r in full_queue if r.rid in self._unmanaged]
         scheduler.waiting_queue = offered
         budget = scheduler.chunked_prefill_size or 0
-        mix = self.may_mix and (self.always_mix or mixes(decision, budget))
+        mix = self.may_mix and (self.always_mix or mixes(decision, budget, arrivals))
         try:
             result = run(mix)
         finally:
