@@ -100,17 +100,20 @@ class CascadeLaunchConfig:
     num_stages: int
 
 
-def default_launch_config(mode: str, heads_per_kv: int, max_group_rows: int) -> CascadeLaunchConfig:
+def default_launch_config(mode: str, heads_per_kv: int, max_group_rows: int,
+                          head_dim: int = 128) -> CascadeLaunchConfig:
     """Tile shapes per mode: the fastest of the configurations scripts/bench_cascade.py
     sweeps on an H200 (docs/kernel.md has the table). Decode is memory-bound: 64-row GROUP
     tiles (16 members x 4 heads fill one wgmma), 16-row REQUEST tiles streaming 128 KV
     positions per step (`--tune`, the engine's largest decode step: 0.588 ms against 0.646 ms
-    with 64, 88% of the HBM floor), 4 warps, 3 stages.
+    with 64, 88% of the HBM floor), 4 warps, 3 stages. That tile's three stages of K and V
+    take 148 KB of shared memory at head_dim 128; wider heads keep the 64-position step (half
+    of it), which the sweeps before measured and which fits.
     Extend is compute-bound: 64-row tiles on 4 warps beat 128-row tiles on 8."""
     min_rows = max(16, _next_pow2(heads_per_kv))
     if mode == "decode":
         group_rows = min(64, max(min_rows, _next_pow2(max(1, max_group_rows))))
-        return CascadeLaunchConfig(group_rows, 64, min_rows, 128, 4, 3)
+        return CascadeLaunchConfig(group_rows, 64, min_rows, 128 if head_dim <= 128 else 64, 4, 3)
     rows = max(64, min_rows)
     return CascadeLaunchConfig(rows, 32, rows, 32, 4, 3)
 
@@ -345,7 +348,7 @@ def _build_plan(
         num_sms = workspace.num_sms
     if config is None:
         max_group_rows = int(group_tokens.max()) * hpk if num_groups else 0
-        config = default_launch_config(mode, hpk, max_group_rows)
+        config = default_launch_config(mode, hpk, max_group_rows, head_dim)
     if min(config.block_m_group, config.block_m_request) < hpk:
         raise CascadePlanError(f"tiles of {config} cannot hold the {hpk} query heads of a KV head")
     tok_per_group_tile = config.block_m_group // hpk

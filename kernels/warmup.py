@@ -32,13 +32,13 @@ _MAX_GROUP_ROWS = 64
 _PREFIX, _CHUNK, _SUFFIX = 32, 16, 8
 
 
-def launch_configs(heads_per_kv: int) -> list[tuple[str, CascadeLaunchConfig]]:
-    """Every (mode, config) that `default_launch_config` returns for this head ratio."""
+def launch_configs(heads_per_kv: int, head_dim: int = 128) -> list[tuple[str, CascadeLaunchConfig]]:
+    """Every (mode, config) that `default_launch_config` returns for this head shape."""
     seen: list[tuple[str, CascadeLaunchConfig]] = []
     rows = 1
     while rows <= 2 * _MAX_GROUP_ROWS:  # one doubling past the cap proves the cap holds
         for mode in ("decode", "extend"):
-            entry = (mode, default_launch_config(mode, heads_per_kv, rows))
+            entry = (mode, default_launch_config(mode, heads_per_kv, rows, head_dim))
             if entry not in seen:
                 seen.append(entry)
         rows *= 2
@@ -64,7 +64,7 @@ def compile_launch_configs(k_buffer: torch.Tensor, v_buffer: torch.Tensor, *, nu
         head_dim=head_dim, prefix_packing="always", max_kv_chunk=_CHUNK,
     )
     done = []
-    for mode, config in launch_configs(num_q_heads // num_kv_heads):
+    for mode, config in launch_configs(num_q_heads // num_kv_heads, head_dim):
         if mode == "decode":
             plan = build_decode_plan(**common, config=config)
         else:

@@ -16,13 +16,20 @@ from sglang_batchllm.kernels.warmup import compile_launch_configs, launch_config
 
 
 @pytest.mark.parametrize("hpk", [1, 2, 4, 7, 8, 16])
-def test_launch_configs_cover_every_default(hpk):
-    listed = launch_configs(hpk)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_launch_configs_cover_every_default(hpk, head_dim):
+    listed = launch_configs(hpk, head_dim)
     assert len(listed) == len(set(listed))
     for rows in range(0, 1200):
         for mode in ("decode", "extend"):
-            assert (mode, default_launch_config(mode, hpk, rows)) in listed, (mode, rows)
+            assert (mode, default_launch_config(mode, hpk, rows, head_dim)) in listed, (mode, rows)
     assert {mode for mode, _ in listed} == {"decode", "extend"}
+
+
+def test_wide_heads_keep_the_shorter_request_step():
+    # three stages of 128-position K and V tiles need 148 KB of shared memory at head_dim 128
+    assert default_launch_config("decode", 4, 64, 128).block_n_request == 128
+    assert default_launch_config("decode", 4, 64, 256).block_n_request == 64
 
 
 def test_four_query_heads_per_kv_head_compile_three_decode_tiles_and_one_extend():
@@ -38,7 +45,7 @@ def test_compile_launch_configs_runs_each_config_over_the_callers_buffers():
     v = torch.randn_like(k)
     before = (k.clone(), v.clone())
     done = compile_launch_configs(k, v, num_q_heads=8, dtype=dtype)
-    assert done == launch_configs(4)
+    assert done == launch_configs(4, head_dim=16)
     assert torch.equal(k, before[0]) and torch.equal(v, before[1])  # it only reads the pool
 
 

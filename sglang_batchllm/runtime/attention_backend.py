@@ -309,7 +309,7 @@ class BatchLLMAttnBackend(TritonAttnBackend):
             hpk = self.num_head // self.num_kv_head
             self._cascade_workspace = CascadeWorkspace(
                 max_tokens=max_num_tokens, num_q_heads=self.num_head, head_dim=self.head_dim,
-                device=self.device, config=default_launch_config("decode", hpk, 64),
+                device=self.device, config=default_launch_config("decode", hpk, 64, self.head_dim),
             )
 
     def _extend_on(self, forward_batch) -> bool:
