@@ -509,6 +509,16 @@ def test_warm_up_compiles_each_launch_config_and_changes_no_result(published_con
     assert torch.equal(_run(ours, step), cold)
 
 
+def test_misaligned_row_slices_are_copied_to_a_16_byte_boundary():
+    from sglang_batchllm.runtime.attention_backend import _aligned
+
+    rows = torch.arange(9, dtype=torch.int64)  # a mixed step's decode rows start at any row
+    assert _aligned(rows) is rows
+    odd = rows[1:]
+    assert odd.data_ptr() % 16 and _aligned(odd).data_ptr() % 16 == 0
+    assert torch.equal(_aligned(odd), odd)
+
+
 @pytest.mark.parametrize("max_rows", [1, 2, 15, 16, 17, 255, 256, 257, 300, 512, 1000, 1024, 4097])
 def test_split_count_warm_up_sizes_meet_every_variant(max_rows):
     def variant(n):  # what get_num_kv_splits_triton compiles for: bucket, and n's specialization
