@@ -107,7 +107,7 @@ class SchedulerAdapter:
         self._unmanaged: set[str] = set()  # requests the session could not take (logged)
         self.metrics = None  # a runtime.metrics.BatchLLMMetrics when --enable-metrics is on
         self.may_mix = False  # mixed steps possible at all (backend, chunked prefill, settings)
-        self.always_mix = False  # mix decodes into every prefill, not only while memory binds
+        self.always_mix = False  # mix decodes into every prefill round, whatever rule 6 says
         STATS.active = True
 
     # ---- arrivals -------------------------------------------------------------------------
