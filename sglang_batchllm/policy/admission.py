@@ -124,10 +124,10 @@ def request_prefill(member: Member, group: LiveGroup) -> int:
     return member.prompt_len - cached
 
 
-def request_cost(member: Member, group: LiveGroup, page_size: int, clip: int) -> int:
-    """KV slots `member` will allocate from admission to finish: its prompt tokens to compute,
-    its decode budget, and one page of slack for the rounding of its last page."""
-    return request_prefill(member, group) + min(member.max_new_tokens, clip) + page_size
+def decode_reserve(member: Member, page_size: int, clip: int) -> int:
+    """KV slots `member` allocates after its prompt: its (clipped) decode budget, plus one page
+    of slack for the rounding of its last page. Its whole cost is this plus its prefill."""
+    return min(member.max_new_tokens, clip) + page_size
 
 
 def group_prefill(session: PlanningSession, group: LiveGroup) -> int:
@@ -139,11 +139,9 @@ def group_prefill(session: PlanningSession, group: LiveGroup) -> int:
     return total
 
 
-def group_cost(session: PlanningSession, group: LiveGroup, page_size: int, clip: int) -> int:
-    """Everything a waiting group will need: its prompt tokens to compute, every decode budget
-    and a page of slack per member."""
-    budgets = sum(min(session.member(rid).max_new_tokens, clip) + page_size for rid in group.pending)
-    return group_prefill(session, group) + budgets
+def group_budgets(session: PlanningSession, group: LiveGroup, page_size: int, clip: int) -> int:
+    """The decode reserves of a waiting group's members; with `group_prefill`, all it needs."""
+    return sum(decode_reserve(session.member(rid), page_size, clip) for rid in group.pending)
 
 
 def _claim(session: PlanningSession, g: LiveGroup, costs: list[int]) -> int:
@@ -175,8 +173,10 @@ def plan_admission(
     for g in session.groups():
         if not g.is_shared or g.state is GroupState.WAITING:
             continue
-        costs = [request_cost(session.member(r), g, page, clip) for r in g.pending]
-        waiting_tokens += sum(request_prefill(session.member(r), g) for r in g.pending)
+        members = [session.member(r) for r in g.pending]
+        prefills = [request_prefill(m, g) for m in members]
+        costs = [p + decode_reserve(m, page, clip) for p, m in zip(prefills, members)]
+        waiting_tokens += sum(prefills)
         taken: set[str] = set()
         if g.state is GroupState.CACHED:
             available = spendable - claimed
@@ -212,8 +212,9 @@ def plan_admission(
     for g in session.groups():
         if g.state is not GroupState.WAITING:
             continue
-        cost = group_cost(session, g, page, clip)
-        waiting_tokens += group_prefill(session, g)
+        prefill = group_prefill(session, g)
+        cost = prefill + group_budgets(session, g, page, clip)
+        waiting_tokens += prefill
         if cost > headroom:
             memory_bound = True
             if not (idle and not opened and not offer and not held):

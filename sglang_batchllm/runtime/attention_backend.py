@@ -262,9 +262,10 @@ class BatchLLMAttnBackend(TritonAttnBackend):
         t0 = time.perf_counter()
         configs = []
         if self.cascade_fallback_reason is None:
+            k_buffer = self.token_to_kv_pool.get_key_buffer(0)
             configs = compile_launch_configs(
-                self.token_to_kv_pool.get_key_buffer(0), self.token_to_kv_pool.get_value_buffer(0),
-                num_q_heads=self.num_head, dtype=self.token_to_kv_pool.get_key_buffer(0).dtype,
+                k_buffer, self.token_to_kv_pool.get_value_buffer(0), num_q_heads=self.num_head,
+                dtype=k_buffer.dtype,
             )
         lens = torch.ones_like(self._decode_kv_lens)
         sizes = split_count_warm_up_sizes(lens.numel())
