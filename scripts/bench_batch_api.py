@@ -60,21 +60,18 @@ def output_tokens(path: str) -> tuple[int, list[str]]:
 
 
 def arm_cli(args, sglang_flags: list[str]) -> dict:
-    from sglang.srt.server_args import prepare_server_args
-
     from sglang_batchllm import bundled_model
     from sglang_batchllm.config import BatchLLMConfig
-    from sglang_batchllm.defaults import with_default_flags
     from sglang_batchllm.jobs.engines import SGLangBackend
     from sglang_batchllm.jobs.output import LineFile
     from sglang_batchllm.jobs.progress import ProgressBar, Tally
     from sglang_batchllm.jobs.reader import read_file
     from sglang_batchllm.jobs.runner import RunOptions, run_job
     from sglang_batchllm.jobs.tokenizer import HFEncoder, model_context_len
-    from sglang_batchllm.launch_server import with_default_model
+    from sglang_batchllm.launch_server import server_args_from_argv
     from sglang_batchllm.planner.inputs import PlannerConfig
 
-    server_args = prepare_server_args(with_default_model(with_default_flags(list(sglang_flags))))
+    server_args = server_args_from_argv(list(sglang_flags))
     backend = SGLangBackend(server_args, BatchLLMConfig.from_env().replace(enable=True), "bench")
     out_path = os.path.join(args.work, "cli-output.jsonl")
     try:

@@ -207,13 +207,10 @@ def _backend(args, rest, config, model_dir, sg):
     from .compat import device_in_argv, require_cuda
 
     require_cuda(device_in_argv(rest), what="running a batch (without --dry-run)")
-    from sglang.srt.server_args import prepare_server_args
-
-    from .defaults import with_default_flags
     from .jobs.engines import SGLangBackend
-    from .launch_server import with_default_model
+    from .launch_server import server_args_from_argv
 
-    server_args = prepare_server_args(with_default_model(with_default_flags(list(rest))))
+    server_args = server_args_from_argv(list(rest))
     name = sg.served_model_name or os.path.basename(os.path.normpath(model_dir))
     return SGLangBackend(server_args, config.replace(enable=True), name)
 

@@ -33,6 +33,24 @@ def with_default_model(argv: list[str]) -> list[str]:
     return argv + ["--model-path", bundled_model.model_dir()]
 
 
+def server_args_from_argv(argv: list[str]):
+    """SGLang's ServerArgs for a BatchLLM run, from flags: BatchLLM's default flags and the
+    bundled model unless the user set them. Every entry point that builds ServerArgs from flags
+    (this launcher, the batch command) goes through here, because argparse accepts `batchllm`
+    as an attention or radix-cache backend only once it is registered in this process, which a
+    process that has not loaded the plugin (the batch command builds the args before its
+    Engine loads it) has not done. Registering is inert: it only names the factories."""
+    from sglang.srt.server_args import prepare_server_args
+
+    from sglang_batchllm.runtime import attention_backend, pinned_cache
+
+    pinned_cache.register()
+    attention_backend.register()
+    if not _given(argv, _HELP_FLAGS):
+        argv = with_default_flags(argv)
+    return prepare_server_args(with_default_model(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ[env_name("enable")] = "1"
@@ -46,12 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     load_plugins()
 
     from sglang.launch_server import run_server
-    from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    if not _given(argv, _HELP_FLAGS):
-        argv = with_default_flags(argv)
-    server_args = prepare_server_args(with_default_model(argv))
+    server_args = server_args_from_argv(argv)
     from sglang_batchllm.batch_api.mount import mount_on_sglang
 
     mount_on_sglang(server_args)  # /v1/files and /v1/batches on SGLang's app (docs/batch-api.md)

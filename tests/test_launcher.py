@@ -150,3 +150,29 @@ def test_engine_checks_the_gpu_before_building_server_args(monkeypatch):
     Engine(device="cpu")
     Engine(server_args=object())
     assert len(reached) == 2 and reached[0]["device"] == "cpu"
+
+
+def test_server_args_from_flags_accept_batchllm_backends_in_a_fresh_process():
+    """The batch command builds ServerArgs from flags before any plugin is loaded in its
+    process; SGLang's argparse then knew neither `batchllm` backend and the command stopped
+    with "invalid choice: 'batchllm'" on the GPU (found there, 2026-12-04). A fresh
+    interpreter, BatchLLM off in its environment, is the case that matters."""
+    code = """
+from sglang.srt.server_args import prepare_server_args
+from sglang_batchllm.defaults import with_default_flags
+try:
+    prepare_server_args(with_default_flags(["--device", "cpu", "--model-path", "x"]))
+    print("PLAIN ACCEPTED")
+except SystemExit:
+    print("PLAIN REFUSED")
+from sglang_batchllm.launch_server import server_args_from_argv
+args = server_args_from_argv(["--device", "cpu"])
+print("BUILT", args.attention_backend, args.radix_cache_backend, args.model_path)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SGLANG_BATCHLLM_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # without registering first, SGLang's parser refuses our default flags: what the helper is for
+    assert "PLAIN REFUSED" in out.stdout
+    assert f"BUILT batchllm batchllm {model_dir()}" in out.stdout
+
