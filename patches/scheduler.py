@@ -11,7 +11,11 @@ Targets (SGLang 0.5.17):
 - `Scheduler._add_request_to_queue`, AFTER: arrivals and retracted requests coming back.
 - `sglang.srt.mem_cache.common.release_kv_cache`, AROUND: a request's KV was released
   (finished, aborted, retracted); HookRegistry propagates it to every module that imported it.
-- `ScheduleBatch.retract_decode`, AFTER: counts retractions.
+- `ScheduleBatch.retract_decode`, AFTER: counts retractions (also with `--batchllm-schedule`
+  off, as the next one reports them).
+- `Scheduler.get_internal_state`, AFTER: adds BatchLLM's counters (`runtime/stats.py`) to the
+  state SGLang reports per DP rank (`Engine.get_server_info()`, `/get_server_info`); the batch
+  command's summary reads its retractions there.
 - `SchedulerRequestReceiver._pull_raw_reqs`, AFTER (only with `--batchllm-gather-ms` > 0): on
   the rank that reads the sockets (TP rank 0), appends a `ClockStamp` (its `time.monotonic()`)
   to what it received; SGLang's own `broadcast_pyobj` then carries it to every TP rank.
@@ -34,6 +38,7 @@ from dataclasses import dataclass
 from sglang_batchllm.compat import SUPPORTED_SGLANG_VERSION
 from sglang_batchllm.config import BatchLLMConfig
 from sglang_batchllm.patches import Patch
+from sglang_batchllm.runtime.stats import STATS
 
 logger = logging.getLogger(__name__)
 
@@ -171,25 +176,40 @@ def _around_process_input_requests(original, self, recv_reqs, *args, **kwargs):
 
 
 def _after_retract_decode(result, self, *args, **kwargs):
-    if _adapter is not None and result:
-        _adapter.on_retract(len(result[0]))
+    if result and result[0]:
+        if _adapter is not None:
+            _adapter.on_retract(len(result[0]))  # counts, logs, keeps the group's pin
+        else:  # BatchLLM's scheduling is off or has not run yet: still counted
+            STATS.retractions += len(result[0])
+    return result
+
+
+def _after_get_internal_state(result, self, *args, **kwargs):
+    """BatchLLM's counters ride along SGLang's internal state (`Engine.get_server_info()`,
+    `GET /get_server_info`), one dict per DP rank: how the batch command learns how many
+    requests its scheduler retracted."""
+    state = getattr(result, "internal_state", None)
+    if isinstance(state, dict):
+        state["batchllm"] = STATS.snapshot()
     return result
 
 
 def _install(config: BatchLLMConfig) -> None:
     global _config
     _config = config
-    if not config.schedule:
-        return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     sched = "sglang.srt.managers.scheduler.Scheduler"
-    HookRegistry.register(f"{sched}._get_new_batch_prefill_raw", _around_prefill_raw, HookType.AROUND)
-    HookRegistry.register(f"{sched}._add_request_to_queue", _after_add_request_to_queue, HookType.AFTER)
-    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", _around_release_kv_cache, HookType.AROUND)
+    # counted and reported whether or not BatchLLM schedules
     HookRegistry.register(
         "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract_decode, HookType.AFTER
     )
+    HookRegistry.register(f"{sched}.get_internal_state", _after_get_internal_state, HookType.AFTER)
+    if not config.schedule:
+        return
+    HookRegistry.register(f"{sched}._get_new_batch_prefill_raw", _around_prefill_raw, HookType.AROUND)
+    HookRegistry.register(f"{sched}._add_request_to_queue", _after_add_request_to_queue, HookType.AFTER)
+    HookRegistry.register("sglang.srt.mem_cache.common.release_kv_cache", _around_release_kv_cache, HookType.AROUND)
     if config.gather_ms > 0:
         HookRegistry.register(f"{RECEIVER}._pull_raw_reqs", _after_pull_raw_reqs, HookType.AFTER)
         HookRegistry.register(f"{sched}.process_input_requests", _around_process_input_requests, HookType.AROUND)
@@ -209,6 +229,7 @@ PATCH = Patch(
         "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
         "sglang.srt.mem_cache.common.release_kv_cache",
         "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+        "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
         f"{RECEIVER}._pull_raw_reqs",
         "sglang.srt.managers.scheduler.Scheduler.process_input_requests",
     ),

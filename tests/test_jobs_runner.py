@@ -197,3 +197,36 @@ def test_killed_mid_run_loses_nothing_and_the_rerun_completes(tmp_path, sig):
     ids = [r["custom_id"] for r in read_jsonl(out)]
     assert sorted(ids) == sorted(f"r{i:03d}" for i in range(n)), "every custom_id exactly once"
     assert ids[: len(partial)] == partial
+
+
+def test_the_engine_backend_reads_retractions_from_the_scheduler_state_at_shutdown():
+    """SGLangBackend asks SGLang's internal state (one dict per DP rank) for the counters our
+    scheduler patch adds, before the engine goes; a rank without them gives None, not 0."""
+    import asyncio
+
+    from sglang_batchllm.jobs.engines import SGLangBackend, retractions_of
+
+    class TokenizerManager:
+        def __init__(self, states):
+            self.states = states
+
+        async def get_internal_state(self):
+            return self.states
+
+    class Engine:
+        def __init__(self, states):
+            self.loop = asyncio.new_event_loop()
+            self.tokenizer_manager = TokenizerManager(states)
+            self.down = False
+
+        def shutdown(self):
+            self.down = True
+
+    for states, want in (([{"batchllm": {"retractions": 2}}, {"batchllm": {"retractions": 5}}], 7),
+                         ([{"batchllm": {"retractions": 2}}, {"last_gen_throughput": 1.0}], None),
+                         ([], None)):
+        backend = SGLangBackend.__new__(SGLangBackend)  # no GPU engine: the seam's stand-in
+        backend.engine, backend.retractions = Engine(states), None
+        backend.shutdown()
+        assert backend.retractions == want and backend.engine.down
+        assert retractions_of(states) == want

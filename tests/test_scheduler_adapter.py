@@ -892,3 +892,37 @@ def test_the_patch_sets_mixing_and_its_budgets_for_one_round_only(monkeypatch, m
     # mixed: the 5 decode rows go on top of the prefill budgets, not out of them
     assert seen == [(True, 8197, 16389)] if mix else [(False, 8192, 16384)]
     assert (sched.is_mixed_chunk, sched.chunked_prefill_size, sched.max_prefill_tokens) == (False, 8192, 16384)
+
+
+def test_retractions_are_counted_without_an_adapter_and_reported_in_the_internal_state(monkeypatch):
+    """The batch command's summary reads the scheduler's retractions from SGLang's internal
+    state; they are counted even when BatchLLM's scheduling never ran in the process."""
+    from patches import scheduler as patch
+    from sglang.srt.managers.io_struct import GetInternalStateReqOutput
+
+    from sglang_batchllm.runtime.stats import STATS
+
+    monkeypatch.setattr(patch, "_adapter", None)
+    monkeypatch.setattr(STATS, "retractions", 0)
+    retracted = (["r1", "r2", "r3"], 0.5, [])
+    assert patch._after_retract_decode(retracted, None) is retracted
+    assert patch._after_retract_decode(([], 0.5, []), None) == ([], 0.5, [])
+    assert STATS.retractions == 3
+    out = GetInternalStateReqOutput(internal_state={"last_gen_throughput": 1.0})  # SGLang's own reply type
+    assert patch._after_get_internal_state(out, None) is out
+    assert out.internal_state["batchllm"]["retractions"] == 3
+    assert out.internal_state["last_gen_throughput"] == 1.0
+
+
+def test_both_reporting_hooks_are_installed_with_scheduling_off(monkeypatch):
+    from patches import scheduler as patch
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_batchllm.config import BatchLLMConfig
+
+    registered = []
+    monkeypatch.setattr(HookRegistry, "register", classmethod(lambda cls, target, hook, kind: registered.append(target)))
+    patch._install(BatchLLMConfig(enable=True, schedule=False))
+    assert registered == ["sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+                          "sglang.srt.managers.scheduler.Scheduler.get_internal_state"]
+    assert set(registered) <= set(patch.PATCH.targets)

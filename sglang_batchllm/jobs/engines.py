@@ -106,7 +106,23 @@ class SGLangBackend:
                 yield index, Completion("", None, window[index].prompt_len, 0, error=f"engine error: {exc}")
 
     def shutdown(self) -> None:
+        self.retractions = self._scheduler_retractions()
         self.engine.shutdown()
+
+    def _scheduler_retractions(self) -> int | None:
+        """Requests the scheduler retracted, summed over DP ranks, from the counters our patch adds
+        to SGLang's internal state (patches/scheduler.py); None when it cannot be read (an engine
+        that is failing, or a rank without the counters), which the summary says."""
+        try:
+            states = self.run(asyncio.wait_for(self.engine.tokenizer_manager.get_internal_state(), 30))
+        except Exception:  # noqa: BLE001 - a count is not worth failing the job's end over
+            return None
+        return retractions_of(states)
+
+
+def retractions_of(states: Sequence[dict]) -> int | None:
+    counts = [state.get("batchllm", {}).get("retractions") for state in states]
+    return None if not counts or any(c is None for c in counts) else sum(counts)
 
 
 def _completion(chunk: dict[str, Any], req: JobRequest) -> Completion:
