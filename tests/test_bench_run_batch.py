@@ -144,3 +144,22 @@ def test_batchllm_log_lines_and_metric_deltas():
              "sglang:cached_tokens_total": 400.0, "other_total": 9.0}
     assert fb.metric_deltas(before, after) == {"sglang:batchllm_groups_done_total": 2.0,
                                                "sglang:batchllm_groups_live": 3.0, "sglang:cached_tokens_total": 300.0}
+
+
+def test_vanilla_server_gets_an_attention_backend_that_exists_unless_one_is_given(tmp_path):
+    """SGLang picks fa3 by default on Hopper, which the device's SGLang build lacks: the vanilla
+    arm died at start (2026-12-04). It gets --vanilla-backend (triton) unless the user's
+    --server-arg names one for every arm; BatchLLM arms keep our default backend."""
+    def flags(*argv):
+        args = fb.parse_args(["--out", str(tmp_path), *argv])
+        return {arm: fb.server_spec(arm, args, tmp_path, write=False).flags for arm in fb.ARMS}
+
+    def backends(f):
+        return [f[i + 1] for i, x in enumerate(f) if x == "--attention-backend"]
+
+    default = flags()
+    assert backends(default["vanilla"]) == ["triton"]
+    assert backends(default["batchllm-plain"]) == backends(default["batchllm-dropin"]) == []
+    assert backends(flags("--vanilla-backend", "flashinfer")["vanilla"]) == ["flashinfer"]
+    given = flags("--server-arg", "--attention-backend flashinfer")
+    assert all(backends(f) == ["flashinfer"] for f in given.values())

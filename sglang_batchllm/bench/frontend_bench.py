@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from . import entry
 from . import frontend_workload as fw
+from .cli import VANILLA_BACKENDS
 from .launch import git_info, installed_plugin_names, vanilla_env
 from .model import write_llama31_8b_dir
 
@@ -103,6 +104,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--server-timeout", type=float, default=900.0, metavar="S",
                    help="seconds a server may take to answer /health and /get_model_info (default %(default)s)")
     p.add_argument("--progress-bar", action="store_true", help="run_batch's progress bar")
+    p.add_argument("--vanilla-backend", default="triton", choices=VANILLA_BACKENDS,
+                   help="the vanilla server's attention backend (default %(default)s; SGLang's own default on "
+                        "Hopper is fa3, which this SGLang build may lack); a --server-arg "
+                        "'--attention-backend X' sets every arm's instead")
     args = p.parse_args(argv)
     if args.scale <= 0:
         p.error("--scale must be > 0")
@@ -173,6 +178,8 @@ def server_spec(arm: str, args: argparse.Namespace, out: Path, write: bool = Tru
     # sglang:batchllm_* where the server exports them. --random-seed: the same sampler seed.
     flags = model_flags(args, out, write)[0] + ["--enable-metrics", "--random-seed", "0", *args.server_flags]
     if arm == REFERENCE:
+        if not any(f.split("=", 1)[0] == "--attention-backend" for f in args.server_flags):
+            flags += ["--attention-backend", args.vanilla_backend]
         return ServerSpec("sglang.launch_server", flags, vanilla_env(env, installed_plugin_names()))
     return ServerSpec("sglang_batchllm.launch_server", flags, env)
 
