@@ -15,11 +15,9 @@ the user's), tokenized through the bundled chat template.
 
 Measured (a 2-core Xeon, `taskset -c 0`): token ids took 21.5 s (20.6 s reading, 0.9 s
 planning) at 0.98 GiB peak for 100,000 lines of 2,200 tokens (1.42 GiB of JSON). With the
-bundled tokenizer, text took
-153.8 s and 1.79 GiB peak for 100,000 lines (222M tokens). The tokenizer alone
-(`encode_batch_fast` over 10,000 of the texts, 256 a call) runs 1.63M tokens/s, about 136 s for
-those tokens, so text at this scale cannot meet 60 s on one core. A cProfile of 3,000 text
-lines puts 92% of the reader's time in that one Rust call.
+bundled tokenizer, text took 45.2 s and 1.89 GiB peak for 100,000 lines (222M tokens), the
+shared prefixes tokenized once (jobs/prefix_tokens.py; 153.8 s when every line was tokenized
+whole: the tokenizer alone runs about 1.7M tokens/s on one core).
 
     taskset -c 0 python scripts/bench_batch_reader.py [--text | --chat] [--requests N] [--tokens T] [--file PATH] [--keep]
 """
