@@ -15,7 +15,7 @@ the user's), tokenized through the bundled chat template.
 
 Measured (a 2-core Xeon, `taskset -c 0`): token ids took 21.5 s (20.6 s reading, 0.9 s
 planning) at 0.98 GiB peak for 100,000 lines of 2,200 tokens (1.42 GiB of JSON). With the
-bundled tokenizer, text took 45.2 s and 1.89 GiB peak for 100,000 lines (222M tokens), the
+bundled tokenizer, text took 43.8 s and 1.81 GiB peak for 100,000 lines (222M tokens), the
 shared prefixes tokenized once (jobs/prefix_tokens.py; 153.8 s when every line was tokenized
 whole: the tokenizer alone runs about 1.7M tokens/s on one core).
 

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 STRIDE = 512  # characters between cut points: about 100-150 tokens of English
-CACHE_CUTS = 16384  # cached cuts; each holds a reference to one line's ids
+CACHE_CUTS = 4096  # cached cuts; each holds a reference to one line's ids (<= ~40 MB at 2,200 ids)
 GUARD_LINES = 8  # first lines that reuse ids, also tokenized whole and compared
 _SAFE = re.compile(r"(?<=[A-Za-z]) (?=[A-Za-z])")
 
