@@ -81,16 +81,21 @@ def test_enabled_registers_patches_without_cuda():
     assert not result["cuda_initialized"]
 
 
-def test_schedule_off_keeps_only_the_flags_and_the_attention_facts():
+def test_schedule_off_keeps_only_the_flags_the_reports_and_the_attention_facts():
     # the batchllm attention backend also groups rows that SGLang's own radix matching made
-    # share, so its per-row facts stay on without BatchLLM's scheduler
+    # share, so its per-row facts stay on without BatchLLM's scheduler; retractions are still
+    # counted and reported (the batch command's summary)
     result = _probe({"SGLANG_BATCHLLM_ENABLE": "1", "SGLANG_BATCHLLM_SCHEDULE": "0"})
-    assert result["our_hooks"] == sorted(FLAG_HOOKS + FORWARD_FACTS_HOOKS)
+    assert result["our_hooks"] == sorted(FLAG_HOOKS + REPORT_HOOKS + FORWARD_FACTS_HOOKS)
 
 
 FLAG_HOOKS = [
     "sglang.srt.server_args.ServerArgs.add_cli_args",
     "sglang.srt.server_args.ServerArgs.from_cli_args",
+]
+REPORT_HOOKS = [
+    "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
+    "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
 ]
 FORWARD_FACTS_HOOKS = [
     "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new",
@@ -101,11 +106,10 @@ ENABLED_HOOKS = FLAG_HOOKS + [
     "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
     "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
     "sglang.srt.mem_cache.common.release_kv_cache",
-    "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode",
     # the gather hold's clock from TP rank 0 (on by default: --batchllm-gather-ms 5)
     "sglang.srt.managers.scheduler_components.request_receiver.SchedulerRequestReceiver._pull_raw_reqs",
     "sglang.srt.managers.scheduler.Scheduler.process_input_requests",
-] + FORWARD_FACTS_HOOKS  # per-row cached-prefix facts for the attention backend
+] + REPORT_HOOKS + FORWARD_FACTS_HOOKS  # per-row cached-prefix facts for the attention backend
 
 
 def test_register_is_idempotent():
