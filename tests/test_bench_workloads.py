@@ -50,7 +50,7 @@ def test_bundled_token_range_skips_low_special_ids(small):
     assert small.token_range().lo == 5 and small.token_range().hi == small.vocab
 
 
-@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "run-batch-shape", "sweep"])
 def test_same_seed_same_requests_other_seed_other_requests(small, name):
     a = [w.fingerprint() for w in build(small, name, scale=0.05)]
     b = [w.fingerprint() for w in build(small, name, scale=0.05)]
@@ -59,7 +59,7 @@ def test_same_seed_same_requests_other_seed_other_requests(small, name):
     assert all(x != y for x, y in zip(a, c))
 
 
-@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "sweep"])
+@pytest.mark.parametrize("name", ["authors", "w1", "decode-heavy", "short-prefix", "control", "two-level", "run-batch-shape", "sweep"])
 def test_token_ids_are_ordinary(small, name):
     tokens = small.token_range()
     for w in build(small, name, scale=0.05):
@@ -131,6 +131,16 @@ def test_two_level_structure(llama):
     assert sharing(r.input_ids for r in w.requests).unique_tokens == 1000 + 8 * 1500 + 64 * 100
 
 
+def test_run_batch_shape_matches_the_frontend_benchmark(llama):
+    (w,) = build(llama, "run-batch-shape")
+    assert w.num_requests == 2000 and {r.max_new_tokens for r in w.requests} == {64}
+    by_doc = defaultdict(list)
+    for r in w.requests:
+        by_doc[r.rid.rsplit("-q", 1)[0]].append(r.input_ids)
+    assert len(by_doc) == 100 and {len(p) for p in by_doc.values()} == {20}
+    assert sharing(r.input_ids for r in w.requests).unique_tokens == 300 + 100 * 1500 + 2000 * 50
+
+
 def test_sweep_cells(llama):
     cells = build(llama, "sweep")
     assert [w.name for w in cells] == [f"sweep/g{g}-o{o}" for g in SWEEP_GROUP_SIZES for o in SWEEP_OUTPUTS]
@@ -195,7 +205,7 @@ def test_jsonl_errors_name_the_line(tmp_path, small, line, message):
 
 
 def test_unknown_workload_is_rejected_with_the_choices():
-    with pytest.raises(ValueError, match="authors, w1, decode-heavy, short-prefix, step-256, step-512, sweep, control, two-level"):
+    with pytest.raises(ValueError, match="authors, w1, decode-heavy, short-prefix, step-256, step-512, sweep, control, two-level, run-batch-shape"):
         WorkloadSpec("author")
     with pytest.raises(ValueError, match="no such file"):
         WorkloadSpec("jsonl:/nonexistent.jsonl")

@@ -19,6 +19,7 @@ exactly `prefix` tokens, and nothing else shares anything by accident.
 | sweep | 9 x 256 | group size 4/16/64 x output 10/100/500; prefix 2000 / distinct 200 |
 | control | 512 | 2200 distinct tokens each, output 100: no sharing at all |
 | two-level | 64 docs x 8 questions = 512 | system 1000 + document 1500 + question 100, output 100 |
+| run-batch-shape | 100 docs x 20 questions = 2000 | system 300 + document 1500 + question 50, output 64: the first `gen` of scripts/bench_run_batch.py's programs as token ids |
 | jsonl:PATH | one per line | a batch file of token ids (`jobs/reader.py`: `{"input_ids": [...], "max_new_tokens": N, "id": ...}` or OpenAI lines) |
 
 `scale` (the CLI's --quick sets 1/8) multiplies the number of groups, documents or control
@@ -217,9 +218,10 @@ def control(gen: _Gen) -> list[Workload]:
     return [gen.finish("control", f"{n} requests, {length} distinct tokens each / output {output}, no sharing", reqs, params)]
 
 
-def two_level(gen: _Gen) -> list[Workload]:
-    docs, questions, system_len, doc_len, question_len, output = gen.scaled(64), 8, 1000, 1500, 100, 100
-    name = gen.name("two-level")
+def documents_and_questions(gen: _Gen, base: str, docs: int, questions: int, system_len: int, doc_len: int,
+                            question_len: int, output: int) -> Workload:
+    """One system prompt shared by all, `docs` documents after it, `questions` questions per document."""
+    name = gen.name(base)
     system = gen.body(system_len)
     reqs = []
     for d, doc_head in enumerate(gen.heads(docs)):
@@ -231,7 +233,17 @@ def two_level(gen: _Gen) -> list[Workload]:
         f"document {doc_len} / question {question_len} / output {output}"
     )
     params = dict(documents=docs, questions=questions, system=system_len, document=doc_len, question=question_len, output=output)
-    return [gen.finish("two-level", description, reqs, params)]
+    return gen.finish(base, description, reqs, params)
+
+
+def two_level(gen: _Gen) -> list[Workload]:
+    return [documents_and_questions(gen, "two-level", gen.scaled(64), 8, 1000, 1500, 100, 100)]
+
+
+def run_batch_shape(gen: _Gen) -> list[Workload]:
+    # The first `gen` of scripts/bench_run_batch.py's programs as one token-id batch: it puts
+    # the frontend's 2,000-row steps on the step recorder (and its profiler).
+    return [documents_and_questions(gen, "run-batch-shape", gen.scaled(100), 20, 300, 1500, 50, 64)]
 
 
 WORKLOADS: dict[str, Callable[[_Gen], list[Workload]]] = {
@@ -244,6 +256,7 @@ WORKLOADS: dict[str, Callable[[_Gen], list[Workload]]] = {
     "sweep": sweep,
     "control": control,
     "two-level": two_level,
+    "run-batch-shape": run_batch_shape,
 }
 
 
