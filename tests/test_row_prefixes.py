@@ -65,18 +65,104 @@ def test_the_patch_captures_at_extend_and_publishes_decode_and_mixed_steps():
         assert row_prefixes.lookup(torch.arange(2)) is None  # equal values, other tensor
 
 
+def _node(node_id, parent, key_len):
+    """A radix node: its id, parent and key (only the key's length matters here)."""
+    return SimpleNamespace(id=node_id, parent=parent, key=[0] * key_len)
+
+
+ROOT = SimpleNamespace(id=0, parent=None, key=[])
+
+
 def test_a_leader_finds_its_groups_prefix_node_above_its_own():
-    prefix = SimpleNamespace(id=40, parent=SimpleNamespace(id=0, parent=None))
+    prefix = _node(40, ROOT, 96)
     leader = _req(None, 0)
     row_prefixes.capture([leader])  # admitted with nothing cached
-    leader.last_node = SimpleNamespace(id=41, parent=prefix)  # after its prompt was inserted
+    leader.last_node = _node(41, prefix, 34)  # after its prompt was inserted
+    leader.prefix_indices = torch.zeros(130)
     members = [_req(40, 96), _req(40, 96)]
+    for m in members:
+        m.last_node = prefix
     row_prefixes.capture(members)
     loner = _req(None, 0)
     row_prefixes.capture([loner])
-    loner.last_node = SimpleNamespace(id=50, parent=SimpleNamespace(id=0, parent=None))
+    loner.last_node = _node(50, ROOT, 80)
     assert rows_of([members[0], leader, loner, members[1]]) == RowPrefixes((40, 40, -1, 40), (96, 96, 0, 96))
     assert rows_of([leader]) == RowPrefixes((-1,), (0,))  # nobody else holds its ancestors
+    assert rows_of([leader, loner]) == RowPrefixes((-1, -1), (0, 0))  # only the root in common
+
+
+def test_continuing_requests_share_the_ancestors_of_their_own_earlier_paths():
+    """A frontend program's second `gen` (or a next chat turn) matches its own first turn's
+    path, a node no other request holds; its siblings' first turns hang below one document
+    node, all documents below one system prompt."""
+    system = _node(1, ROOT, 300)
+    docs = [_node(10 + d, system, 1500) for d in range(2)]
+    reqs, turn = [], 100
+    for d, doc in enumerate(docs):
+        for q in range(3):
+            own = _node(turn, doc, 50 + 64 + q)  # its question, the first answer (lengths differ)
+            turn += 1
+            req = _req(own.id, 1800 + 114 + q)
+            req.last_node = own
+            reqs.append(req)
+    row_prefixes.capture(reqs)
+    facts = [getattr(r, row_prefixes._ATTR)[1] for r in reqs]
+    assert len(set(facts)) == 6  # no two rows share an admission node...
+    assert rows_of(reqs) == RowPrefixes((10, 10, 10, 11, 11, 11), (1800,) * 6)  # ...but a document
+    for req in reqs:  # the second turn's prefill re-inserted each under its own node
+        req.last_node = _node(turn, req.last_node, 40)
+        turn += 1
+    assert rows_of(reqs) == RowPrefixes((10, 10, 10, 11, 11, 11), (1800,) * 6)
+    # a document with one row in the step: that row shares the system prompt with the rest
+    assert rows_of(reqs[:4]) == RowPrefixes((10, 10, 10, 1), (1800, 1800, 1800, 300))
+    # rows of one group keep their admission node; a continuing row can join them there
+    members = [_req(10, 1800), _req(10, 1800)]
+    row_prefixes.capture(members)
+    # (rows that keep a shared admission node do not walk: their ancestors count for nobody,
+    # and a row that finds no shared node keeps its own, a group of one)
+    assert rows_of(members + reqs[3:4]) == RowPrefixes((10, 10, 103), (1800, 1800, 1914))
+    assert rows_of(members + reqs[:1]) == RowPrefixes((10, 10, 10), (1800, 1800, 1800))
+
+
+def test_a_path_length_is_measured_from_the_tree_not_the_request():
+    """With page_size > 1 a request's `prefix_indices` also holds a partial page the tree
+    lacks, so a leader's current depth is not `len(prefix_indices)`."""
+    prefix = _node(40, ROOT, 64)
+    leaders = []
+    for i in range(2):
+        leader = _req(None, 0)
+        row_prefixes.capture([leader])
+        leader.last_node = _node(41 + i, prefix, 16)
+        leader.prefix_indices = torch.zeros(64 + 16 + 5)  # 5 tokens of a partial page
+        leaders.append(leader)
+    assert rows_of(leaders) == RowPrefixes((40, 40), (64, 64))
+
+
+def test_a_node_reported_at_two_lengths_is_shared_by_nobody():
+    """Rows that would hand the backend one node at two prefix lengths (a stale admission
+    fact) make no group there: kernels/step_groups.py would reject the step."""
+    prefix = _node(40, ROOT, 96)
+    stale = [_req(40, 90), _req(40, 90)]  # facts that disagree with the tree's 96
+    row_prefixes.capture(stale)
+    leader = _req(None, 0)
+    row_prefixes.capture([leader])
+    leader.last_node = _node(41, prefix, 10)
+    assert rows_of(stale + [leader]) == RowPrefixes((40, 40, -1), (90, 90, 0))
+
+
+def test_a_walk_is_kept_on_the_request_until_its_node_changes():
+    prefix = _node(40, ROOT, 96)
+    rows = []
+    for i in range(2):
+        r = _req(None, 0)
+        row_prefixes.capture([r])
+        r.last_node = _node(41 + i, prefix, 4)
+        rows.append(r)
+    assert rows_of(rows).keys == (40, 40)
+    prefix.parent = None  # a walk that ran again would now find only a root
+    assert rows_of(rows).keys == (40, 40)
+    rows[0].last_node = _node(43, prefix, 4)  # a new node: walked again
+    assert rows_of(rows).keys == (-1, -1)  # and the other row has nobody to share its node with
 
 
 def test_only_the_latest_steps_are_kept():

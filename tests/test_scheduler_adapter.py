@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 from array import array
 from types import SimpleNamespace
 
@@ -466,6 +467,7 @@ class MiniScheduler:
         radix key hold identical KV slots over that prefix, after SGLang's post-prefill
         re-insertion moved every request to a node of its own."""
         facts = row_prefixes.rows_of(batch.reqs)
+        rows_of_key = Counter(facts.keys)
         slots_of_key = {}
         for req, key, plen in zip(batch.reqs, facts.keys, facts.lens):
             if key == NO_KEY:
@@ -475,7 +477,7 @@ class MiniScheduler:
             if key in slots_of_key:
                 assert torch.equal(slots_of_key[key], slots), f"rows of node {key} hold other slots"
             slots_of_key[key] = slots
-            self.shared_rows += 1
+            self.shared_rows += rows_of_key[key] >= 2
         self.decode_rows += len(batch.reqs)
 
     def in_use_tokens(self) -> int:
@@ -570,6 +572,31 @@ def test_shuffled_groups_prefix_computed_once(page_size):
     assert sched.max_pinned > 0
     # every member decodes as a row sharing its group's prefix, the leader (which computed
     # it, so had no cached prefix at admission) through its node's parent
+    assert sched.shared_rows == sched.decode_rows > 0
+    sched.assert_drained()
+
+
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_second_turns_decode_as_rows_sharing_their_groups_prefix(page_size):
+    """A frontend program's second `gen`: each request continues one of the first batch
+    (its prompt, its answer, a new question), so it matches its own first turn's path, a node
+    no other request holds. Its decode rows still share the group's prefix node, an ancestor
+    (row facts), and the slot check holds on the real tree (`_check_row_prefixes`)."""
+    sched = MiniScheduler(page_size=page_size, pool_tokens=2048)
+    first = batch_of_groups(range(4), 4, suffix_len=24)
+    sched.submit(first)
+    sched.run()
+    assert_all_finished_once(sched, first)
+    sched.shared_rows = sched.decode_rows = 0
+    second = [
+        make_req(f"{r.rid}t2", list(r.origin_input_ids) + list(r.output_ids) + [900_000 + i, 900_001 + i], 4)
+        for i, r in enumerate(first)
+    ]
+    sched.submit(second)
+    sched.run()
+    assert all(r.finished() for r in second)
+    own = {getattr(r, row_prefixes._ATTR)[1] for r in second}
+    assert len(own) == len(second), "each second turn was admitted from a node of its own"
     assert sched.shared_rows == sched.decode_rows > 0
     sched.assert_drained()
 
