@@ -1,6 +1,6 @@
 """The CPU parts of the GPU greedy-equality check (bench/greedy.py)."""
 
-from sglang_batchllm.bench.greedy import build_batch, compare
+from sglang_batchllm.bench.greedy import build_batch, compare, difference_profile
 
 
 def test_batch_is_shuffled_groups_sharing_exactly_their_prefix():
@@ -70,3 +70,13 @@ def test_the_default_check_runs_the_trained_bundled_weights(monkeypatch, tmp_pat
     assert greedy.main(["--out", str(tmp_path / "r"), "--weights", "random", *args]) == 0
     assert {m for _, m in runs} == {tmp_path / "r" / "model"}
     assert (tmp_path / "r" / "model" / "model.safetensors").is_file()
+
+
+def test_the_difference_profile_buckets_margins_and_counts_positions():
+    report = {"first_divergence": {"a": 1, "b": 1, "c": 7, "d": 0},
+              "margins": {"a": 0.01, "b": 7.4, "c": 0.3, "d": 0.3}}
+    profile = difference_profile(report)
+    assert profile["margin_buckets"] == {"<0.05": 1, "<0.25": 0, "<1": 2, "<4": 0, ">=4": 1}
+    assert profile["median_margin_of_a_difference"] == 0.3
+    assert profile["first_divergence_positions"] == {0: 1, 1: 2, 7: 1}
+    assert difference_profile({"first_divergence": {}, "margins": {}})["median_margin_of_a_difference"] is None

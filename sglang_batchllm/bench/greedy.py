@@ -162,6 +162,31 @@ def compare(vanilla: dict, ours: dict) -> dict:
             "first_divergence": differ}
 
 
+MARGIN_EDGES = (0.05, 0.25, 1.0, 4.0)  # nats: near-tie, bf16-logit scale, clear, decisive
+
+
+def difference_profile(report: dict) -> dict:
+    """Where and how firmly the outputs part, for a log line that outlives the run directory:
+    vanilla's top-2 margins at the first differences, bucketed (a scheduling or kernel bug
+    shows up as many large margins; numerics as small ones), and the output positions of the
+    first differences (a step type that goes wrong shows up as one position)."""
+    margins = sorted(report.get("margins", {}).values())
+    buckets = {}
+    lo = 0.0
+    for hi in MARGIN_EDGES + (float("inf"),):
+        name = f"<{hi:g}" if hi != float("inf") else f">={lo:g}"
+        buckets[name] = sum(1 for m in margins if lo <= m < hi)
+        lo = hi
+    positions = sorted(report.get("first_divergence", {}).values())
+    median = margins[len(margins) // 2] if margins else None
+    return {
+        "margin_buckets": buckets,
+        "median_margin_of_a_difference": median,
+        "first_divergence_positions": dict(sorted(
+            (pos, positions.count(pos)) for pos in set(positions))),
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="greedy-out")
@@ -202,6 +227,7 @@ def main(argv=None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=1))
     summary = {k: v for k, v in report.items() if k not in ("first_divergence", "margins")}
     summary["max_margin_of_a_difference"] = max(report.get("margins", {}).values(), default=None)
+    summary.update(difference_profile(report))
     print(json.dumps(summary))
     return 0 if ok else 1
 
