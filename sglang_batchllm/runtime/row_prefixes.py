@@ -64,7 +64,7 @@ def capture(reqs: Sequence[Any]) -> None:
 MAX_ANCESTORS = 8
 MAX_PATH = 256
 
-_CHAIN = "_batchllm_row_chain"  # (start node, chain) on a Req
+_CHAIN = "_batchllm_row_chain"  # (start node, chain, chain ids) on a Req
 
 
 def _chain(req: Any, start: Any) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
