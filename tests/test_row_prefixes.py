@@ -73,6 +73,14 @@ def _node(node_id, parent, key_len):
 ROOT = SimpleNamespace(id=0, parent=None, key=[])
 
 
+def _leader(node, prefix_len=0):
+    """A request admitted with nothing cached whose prompt was then inserted under `node`."""
+    req = _req(None, 0)
+    row_prefixes.capture([req])
+    req.last_node, req.prefix_indices = node, torch.zeros(prefix_len)
+    return req
+
+
 def test_a_leader_finds_its_groups_prefix_node_above_its_own():
     prefix = _node(40, ROOT, 96)
     leader = _req(None, 0)
@@ -128,13 +136,7 @@ def test_a_path_length_is_measured_from_the_tree_not_the_request():
     """With page_size > 1 a request's `prefix_indices` also holds a partial page the tree
     lacks, so a leader's current depth is not `len(prefix_indices)`."""
     prefix = _node(40, ROOT, 64)
-    leaders = []
-    for i in range(2):
-        leader = _req(None, 0)
-        row_prefixes.capture([leader])
-        leader.last_node = _node(41 + i, prefix, 16)
-        leader.prefix_indices = torch.zeros(64 + 16 + 5)  # 5 tokens of a partial page
-        leaders.append(leader)
+    leaders = [_leader(_node(41 + i, prefix, 16), 64 + 16 + 5) for i in range(2)]  # 5 of a partial page
     assert rows_of(leaders) == RowPrefixes((40, 40), (64, 64))
 
 
@@ -144,20 +146,13 @@ def test_a_node_reported_at_two_lengths_is_shared_by_nobody():
     prefix = _node(40, ROOT, 96)
     stale = [_req(40, 90), _req(40, 90)]  # facts that disagree with the tree's 96
     row_prefixes.capture(stale)
-    leader = _req(None, 0)
-    row_prefixes.capture([leader])
-    leader.last_node = _node(41, prefix, 10)
+    leader = _leader(_node(41, prefix, 10))
     assert rows_of(stale + [leader]) == RowPrefixes((40, 40, -1), (90, 90, 0))
 
 
 def test_a_walk_is_kept_on_the_request_until_its_node_changes():
     prefix = _node(40, ROOT, 96)
-    rows = []
-    for i in range(2):
-        r = _req(None, 0)
-        row_prefixes.capture([r])
-        r.last_node = _node(41 + i, prefix, 4)
-        rows.append(r)
+    rows = [_leader(_node(41 + i, prefix, 4)) for i in range(2)]
     assert rows_of(rows).keys == (40, 40)
     prefix.parent = None  # a walk that ran again would now find only a root
     assert rows_of(rows).keys == (40, 40)
